@@ -1,0 +1,45 @@
+"""Tiny Hugging Face models built from configs (no downloads), shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_gpt2(n_layer: int = 2, n_embd: int = 32, lm_head: bool = True, **overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
+
+    settings = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    settings.update(overrides)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=n_embd, n_layer=n_layer, n_head=2, **settings)
+    torch.manual_seed(0)
+    return (GPT2LMHeadModel if lm_head else GPT2Model)(config).eval()
+
+
+def tiny_llama(kind: str = "llama", n_layer: int = 2, lm_head: bool = True):
+    import transformers
+
+    names = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM", "LlamaModel"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "Qwen2Model"),
+        "mistral": ("MistralConfig", "MistralForCausalLM", "MistralModel"),
+    }[kind]
+    config = getattr(transformers, names[0])(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    return getattr(transformers, names[1] if lm_head else names[2])(config).eval()
+
+
+def tiny_bert(kind: str = "mlm", n_layer: int = 2):
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
+
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=n_layer, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    cls = {"mlm": BertForMaskedLM, "cls": BertForSequenceClassification, "base": BertModel}[kind]
+    return cls(config).eval()
+
