@@ -1,4 +1,4 @@
-"""Small tensor helpers shared across spikeguard."""
+"""Small torch helpers shared across spikeguard."""
 
 from __future__ import annotations
 
@@ -13,3 +13,8 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
 def norm(x: torch.Tensor) -> torch.Tensor:
     """Euclidean norm of all elements, accumulated in at least float32; 0-dim, on x's device."""
     return torch.linalg.vector_norm(x, dtype=accum_dtype(x.dtype))
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass, e.g. activation-checkpoint recomputation."""
+    return torch._C._current_graph_task_id() != -1

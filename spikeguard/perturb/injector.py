@@ -22,7 +22,7 @@ from typing import Any, Union
 
 import torch
 
-from spikeguard._tensor import norm
+from spikeguard._tensor import in_backward, norm
 from spikeguard.operators import OperatorChain, hidden_tensor, replace_hidden_tensor
 from spikeguard.perturb.noise import NoiseModel
 from spikeguard.perturb.schedules import Always, Schedule
@@ -50,10 +50,6 @@ def _mix(*values: int) -> int:
         h ^= h >> 29
     return h >> 1
 
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass: activation-checkpoint recomputation."""
-    return torch._C._current_graph_task_id() != -1
 
 
 class _PerturbedOutput(torch.autograd.Function):
@@ -163,6 +159,10 @@ class Injector:
         self._calls: dict[str, int] = {}
         self._last_call: dict[str, int] = {}
         self._applied: dict[tuple[str, str], torch.Tensor] = {}
+        #: When True, ``deltas[(operator, direction)]`` keeps the latest δ or ε tensor
+        #: itself (memory: one activation per perturbed operator); the probe uses it.
+        self.keep_deltas = False
+        self.deltas: dict[tuple[str, str], torch.Tensor] = {}
         self._handles: list[Any] = []
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -179,8 +179,11 @@ class Injector:
         targets = set(self.specs[FORWARD]) | set(self.specs[BACKWARD])
         for index, op in enumerate(self.chain):
             if op.name in targets:
+                # prepend: the Injector's hook runs before every other forward hook (and so
+                # registers its gradient hook first), whenever those were attached. Observers
+                # (statistics, probes) always see ẑ_i = f_i(ẑ_{i-1}) + δ_i and ĝ_i with ε_i.
                 self._handles.append(
-                    op.module.register_forward_hook(self._make_hook(op.name, index))
+                    op.module.register_forward_hook(self._make_hook(op.name, index), prepend=True)
                 )
         return self
 
@@ -204,10 +207,15 @@ class Injector:
         self._calls.clear()
         self._last_call.clear()
         self._applied.clear()
+        self.deltas.clear()
 
     @contextmanager
     def only(self, *, forward: bool = True, backward: bool = True) -> Iterator[Injector]:
-        """Temporarily switch a direction off, e.g. ``with injector.only(backward=False):``."""
+        """Temporarily switch a direction off, e.g. ``with injector.only(backward=False):``.
+
+        The forward switch acts when an operator runs; the backward one when its
+        gradient arrives.
+        """
         saved = dict(self.enabled)
         self.enabled = {FORWARD: forward, BACKWARD: backward}
         try:
@@ -251,15 +259,12 @@ class Injector:
             q, delta = noise(x.detach(), gen, m)
             if record:
                 self._applied[(name, direction)] = norm(delta)
+                if self.keep_deltas:
+                    self.deltas[(name, direction)] = delta
         return q
 
-    def _active(self, spec: Spec | None, direction: str) -> bool:
-        return (
-            spec is not None
-            and self.enabled[direction]
-            and not spec[0].is_identity
-            and spec[1].active(self.step)
-        )
+    def _scheduled(self, spec: Spec | None) -> bool:
+        return spec is not None and not spec[0].is_identity and spec[1].active(self.step)
 
     def _make_hook(self, name: str, index: int):
         forward_spec = self.specs[FORWARD].get(name)
@@ -272,7 +277,7 @@ class Injector:
                     f"Injector: operator {name!r} returned {type(output).__name__} with no "
                     "floating-point tensor to perturb"
                 )
-            recompute = _in_backward()
+            recompute = in_backward()
             if recompute:
                 call = self._last_call.get(name, 0)
             else:
@@ -280,14 +285,18 @@ class Injector:
                 self._calls[name] = call + 1
                 self._last_call[name] = call
             new = y
-            if self._active(forward_spec, FORWARD):
+            if self.enabled[FORWARD] and self._scheduled(forward_spec):
                 perturb = lambda x: self._perturb(x, name, index, FORWARD, call, not recompute)  # noqa: E731
                 new = _PerturbedOutput.apply(y, perturb) if y.requires_grad else perturb(y)
-            if new.requires_grad and self._active(backward_spec, BACKWARD):
+            if new.requires_grad and self._scheduled(backward_spec):
                 # Registered in the original forward and (harmlessly, it never fires) in a
                 # non-reentrant recompute; in a reentrant recompute this is the one that fires.
+                # The backward switch is read when the gradient arrives, so one forward can
+                # serve a clean and a perturbed backward (the probe relies on it).
                 new.register_hook(
                     lambda g: self._perturb(g, name, index, BACKWARD, call, record=True)
+                    if self.enabled[BACKWARD]
+                    else None
                 )
             return None if new is y else replace_hidden_tensor(output, new)
 

@@ -16,11 +16,17 @@ def linear_chain(widths=(5, 4, 6, 3), seed=0):
     return nn.Sequential(*layers)
 
 
-def capture(model, chain, names):
-    """Forward hooks that record each operator's output; registered *now*."""
+def capture(model, chain, names, first=False):
+    """Forward hooks that record each operator's output.
+
+    The Injector's hook runs before other hooks; ``first=True`` registers with
+    ``prepend=True`` *after* the injector is attached, to see the unperturbed output.
+    """
     seen = {}
     handles = [
-        chain[n].module.register_forward_hook(lambda m, a, out, n=n: seen.__setitem__(n, out.detach().clone()))
+        chain[n].module.register_forward_hook(
+            lambda m, a, out, n=n: seen.__setitem__(n, out.detach().clone()), prepend=first
+        )
         for n in names
     ]
     return seen, handles
@@ -97,9 +103,9 @@ def test_forward_perturbation_changes_gradient_exactly_as_theory():
     chain = OperatorChain.from_model(model)
     x = torch.randn(7, 5, dtype=torch.float64)
     target = torch.randn(7, 3, dtype=torch.float64)
-    before, h1 = capture(model, chain, ["1"])
     injector = Injector(chain, forward={"1": Gaussian(0.3)}, seed=3)
-    injector.attach()  # its hook runs after `before`'s and before `after`'s
+    injector.attach()
+    before, h1 = capture(model, chain, ["1"], first=True)  # runs before the injector's hook
     after, h2 = capture(model, chain, ["1"])
     try:
         out, g = run(model, x, target)
@@ -133,9 +139,10 @@ def test_backward_perturbation_leaves_forward_bitwise_and_changes_gradient_exact
 
         return hook
 
-    # Tensor hooks run in registration order: `pre` sees g_1, `post` sees g_1 + ε_1.
-    pre = chain["1"].module.register_forward_hook(record_grad_into(grad_before))
+    # Tensor hooks run in registration order: `pre`'s forward hook runs before the
+    # injector's (prepended after it), so its tensor hook sees g_1; `post`'s sees g_1 + ε_1.
     injector = Injector(chain, backward={"1": Uniform(0.2)}, seed=9).attach()
+    pre = chain["1"].module.register_forward_hook(record_grad_into(grad_before), prepend=True)
     post = chain["1"].module.register_forward_hook(record_grad_into(grad_after))
     clean_out.clear()
     try:
@@ -160,8 +167,8 @@ def test_bf16_rounding_through_the_injector_is_torch_cast():
     model = tiny_gpt2(n_layer=2)
     chain = OperatorChain.from_model(model)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    before, h1 = capture(model, chain, ["transformer.h.0"])
     injector = Injector(chain, forward={"transformer.h.0": Rounding("bf16")}).attach()
+    before, h1 = capture(model, chain, ["transformer.h.0"], first=True)
     after, h2 = capture(model, chain, ["transformer.h.0"])
     try:
         model(ids)
@@ -410,8 +417,8 @@ def test_forward_perturbation_reaches_only_operators_above(ids):
         injector.detach()
         [x.remove() for x in h]
     changed = [n for n in chain.names if not torch.equal(clean[n], ref[n])]
-    # the capture hooks registered before the injector see h.1's unperturbed output
-    assert changed == ["transformer.h.2", "transformer.ln_f", "lm_head"]
+    # Observers registered before the injector still see its perturbed output (it prepends).
+    assert changed == ["transformer.h.1", "transformer.h.2", "transformer.ln_f", "lm_head"]
 
 
 @pytest.mark.parametrize(
