@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 
 
@@ -18,3 +21,24 @@ def norm(x: torch.Tensor) -> torch.Tensor:
 def in_backward() -> bool:
     """True while autograd runs a backward pass, e.g. activation-checkpoint recomputation."""
     return torch._C._current_graph_task_id() != -1
+
+
+# A probe, a sharpness measurement or a re-run runs extra passes through the model. While
+# one does, the training-time observers (statistics) and perturbations (other Injectors)
+# must stay out: the passes are not training steps. The owner is the object measuring.
+_MEASURING: contextvars.ContextVar[object | None] = contextvars.ContextVar("spikeguard_measuring", default=None)
+
+
+def measuring() -> object | None:
+    """The object running measurement passes right now, or None during training."""
+    return _MEASURING.get()
+
+
+@contextlib.contextmanager
+def measurement(owner: object):
+    """Mark the passes inside as measurement passes owned by ``owner``."""
+    token = _MEASURING.set(owner)
+    try:
+        yield
+    finally:
+        _MEASURING.reset(token)

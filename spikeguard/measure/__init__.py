@@ -1,5 +1,6 @@
 """Measurement: per-step statistics, the amplification probe, sharpness, precision probe."""
 
+from spikeguard.measure.precision import PRECISION_DTYPES, PrecisionResult, precision_probe
 from spikeguard.measure.probe import CONFIGS, AmplificationProbe, Constants, Observed, ProbeResult
 from spikeguard.measure.sharpness import (
     Sharpness,
@@ -16,6 +17,9 @@ __all__ = [
     "Observed",
     "Constants",
     "CONFIGS",
+    "precision_probe",
+    "PrecisionResult",
+    "PRECISION_DTYPES",
     "StepStatistics",
     "StepStats",
     "Sharpness",

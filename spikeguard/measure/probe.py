@@ -39,6 +39,7 @@ from torch import nn
 from torch.func import functional_call
 
 from spikeguard import theory
+from spikeguard._tensor import measurement
 from spikeguard.operators import OperatorChain, hidden_tensor, replace_hidden_tensor
 from spikeguard.perturb.injector import BACKWARD, FORWARD, Injector
 
@@ -95,6 +96,10 @@ class Observed:
 class Constants:
     """THEORY §1's per-operator constants, measured at the clean point (first-order estimates).
 
+    Besides the symbols of THEORY §1 (L_i, M_i, H_i, H'_i, |g_i|, L_h), ``output_norms``
+    holds |z_i|, so that a relative perturbation size u (|δ_i| = u |z_i|) converts to
+    the absolute size Proposition 1 takes.
+
     ``gains[0]`` is nan: the first operator's input is the data, whose error e_0 is 0, so
     L_1 never enters Proposition 1.
     """
@@ -104,6 +109,7 @@ class Constants:
     jac_smoothness: torch.Tensor
     param_jac_smoothness: torch.Tensor
     grad_msg_norms: torch.Tensor
+    output_norms: torch.Tensor
     loss_curvature: float
     power_iterations: int
     converged: bool
@@ -170,6 +176,7 @@ class ProbeResult:
                 "jac_smoothness": c.jac_smoothness.tolist(),
                 "param_jac_smoothness": c.param_jac_smoothness.tolist(),
                 "grad_msg_norms": c.grad_msg_norms.tolist(),
+                "output_norms": c.output_norms.tolist(),
                 "loss_curvature": c.loss_curvature,
                 "power_iterations": c.power_iterations,
                 "converged": c.converged,
@@ -714,7 +721,9 @@ class AmplificationProbe:
             self.injector.attach()
             handles = [op.module.register_forward_hook(self._tap(i)) for i, op in enumerate(self.chain)]
             try:
-                result = self._run(batch, step)
+                # Training-time hooks (statistics, other Injectors) sit these passes out.
+                with measurement(self.injector):
+                    result = self._run(batch, step)
             finally:
                 for h in handles:
                     h.remove()
@@ -760,6 +769,7 @@ class AmplificationProbe:
 
         # -- constants at the clean point
         grad_msg = torch.tensor([_flat_norm([m]) for m in c_bw.msgs], dtype=torch.float64)
+        out_norms = torch.tensor([_flat_norm([z]) for z in clean.outputs], dtype=torch.float64)
         iterations = self.first_power_iterations if self._v is None and self._V is None else self.power_iterations
         L, it_l, conv_l = self._power_gains(batch, clean, iterations)
         M, it_m, conv_m = self._power_param_gains(batch, clean, iterations)
@@ -774,7 +784,7 @@ class AmplificationProbe:
             H, Hp = self._smoothness(pert, c_bw, e_fwd)
         constants = Constants(
             gains=L, param_gains=M, jac_smoothness=H, param_jac_smoothness=Hp,
-            grad_msg_norms=grad_msg, loss_curvature=L_h,
+            grad_msg_norms=grad_msg, output_norms=out_norms, loss_curvature=L_h,
             power_iterations=max(it_l, it_m), converged=conv_l and conv_m,
         )
         kw = constants.theory_kwargs()

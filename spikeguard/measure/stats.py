@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from spikeguard._tensor import accum_dtype, in_backward, norm
+from spikeguard._tensor import accum_dtype, in_backward, measuring, norm
 from spikeguard.operators import OperatorChain, hidden_tensor
 
 __all__ = ["StepStatistics", "StepStats"]
@@ -24,8 +24,12 @@ def _num_nonfinite(x: Tensor) -> Tensor:
 
 
 def _amax(x: Tensor) -> Tensor:
-    """max |x| in one reduction, in at least float32 (NaN propagates)."""
-    return torch.linalg.vector_norm(x, ord=math.inf, dtype=accum_dtype(x.dtype))
+    """max |x| in at least float32 (NaN propagates).
+
+    ``abs().amax()`` rather than ``vector_norm(ord=inf)``: the latter is 10-30x slower on
+    CPU (benchmarks/probe_cost.py measured 320 µs against 20 µs on an (8, 128, 128) output).
+    """
+    return x.abs().amax().to(accum_dtype(x.dtype))
 
 
 def _per_operator(rows: list[list[Tensor]], zero: Tensor, reduce: Callable[[Tensor], Tensor]) -> Tensor:
@@ -238,6 +242,8 @@ class StepStatistics:
                 self._msg_nonfinite[i].append(_num_nonfinite(g))
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if measuring() is not None:
+                return  # a probe's or a re-run's passes are not part of the training step
             y = hidden_tensor(output)
             if y is None or not y.is_floating_point():
                 raise TypeError(

@@ -16,18 +16,19 @@ output. The Injector realises both with hooks on the operators of an
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
 
-from spikeguard._tensor import in_backward, norm
+from spikeguard._tensor import in_backward, measuring, norm
 from spikeguard.operators import OperatorChain, hidden_tensor, replace_hidden_tensor
 from spikeguard.perturb.noise import NoiseModel
 from spikeguard.perturb.schedules import Always, Schedule
 
-__all__ = ["Injector", "Spec", "FORWARD", "BACKWARD"]
+__all__ = ["Injector", "Perturbation", "Spec", "FORWARD", "BACKWARD"]
 
 FORWARD = "forward"
 BACKWARD = "backward"
@@ -67,6 +68,34 @@ class _PerturbedOutput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         return grad, None
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """One perturbation, spelled out (the form YAML recipes use).
+
+    Attributes:
+        operators: an operator name or glob, or a list of them.
+        noise: the noise model.
+        schedule: when it is on (default: always).
+        direction: ``"forward"`` (δ on the output) or ``"backward"`` (ε on its gradient).
+    """
+
+    operators: str | list[str]
+    noise: NoiseModel
+    schedule: Schedule = field(default_factory=Always)
+    direction: str = FORWARD
+
+    def __post_init__(self) -> None:
+        if self.direction not in _DIRECTION_CODE:
+            raise ValueError(f"Perturbation.direction must be one of {sorted(_DIRECTION_CODE)}, got {self.direction!r}")
+        if not isinstance(self.noise, NoiseModel):
+            raise TypeError(f"Perturbation.noise must be a noise model, got {self.noise!r}")
+        if not isinstance(self.schedule, Schedule):
+            raise TypeError(f"Perturbation.schedule must be a schedule, got {self.schedule!r}")
+        ops = [self.operators] if isinstance(self.operators, str) else list(self.operators)
+        if not ops or not all(isinstance(o, str) and o for o in ops):
+            raise ValueError(f"Perturbation.operators must be a name or a non-empty list of names, got {self.operators!r}")
 
 
 def _normalise_specs(
@@ -163,8 +192,26 @@ class Injector:
         #: itself (memory: one activation per perturbed operator); the probe uses it.
         self.keep_deltas = False
         self.deltas: dict[tuple[str, str], torch.Tensor] = {}
+        #: Optional switch read at every application: when it returns False nothing is
+        #: perturbed (the Perturb callback keeps transient faults out of re-runs with it).
+        self.gate: Callable[[], bool] | None = None
         self._handles: list[Any] = []
         self._generators: dict[torch.device, torch.Generator] = {}
+
+    @classmethod
+    def from_perturbations(
+        cls, chain: OperatorChain, perturbations: Sequence[Perturbation], seed: int = 0
+    ) -> Injector:
+        """An Injector from a list of :class:`Perturbation` (the recipes' YAML form)."""
+        specs: dict[str, dict[str, Spec]] = {FORWARD: {}, BACKWARD: {}}
+        for i, p in enumerate(perturbations):
+            if not isinstance(p, Perturbation):
+                raise TypeError(f"perturbations[{i}] must be a Perturbation, got {p!r}")
+            for name in [p.operators] if isinstance(p.operators, str) else p.operators:
+                if name in specs[p.direction]:
+                    raise ValueError(f"perturbations[{i}]: {p.direction} key {name!r} is given twice")
+                specs[p.direction][name] = (p.noise, p.schedule)
+        return cls(chain, forward=specs[FORWARD], backward=specs[BACKWARD], seed=seed)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -284,6 +331,11 @@ class Injector:
                 call = self._calls.get(name, 0)
                 self._calls[name] = call + 1
                 self._last_call[name] = call
+            if self.gate is not None and not self.gate():
+                return None
+            owner = measuring()
+            if owner is not None and owner is not self:
+                return None  # another measurement's passes (a probe of its own Injector)
             new = y
             if self.enabled[FORWARD] and self._scheduled(forward_spec):
                 perturb = lambda x: self._perturb(x, name, index, FORWARD, call, not recompute)  # noqa: E731
@@ -295,7 +347,7 @@ class Injector:
                 # serve a clean and a perturbed backward (the probe relies on it).
                 new.register_hook(
                     lambda g: self._perturb(g, name, index, BACKWARD, call, record=True)
-                    if self.enabled[BACKWARD]
+                    if self.enabled[BACKWARD] and (self.gate is None or self.gate())
                     else None
                 )
             return None if new is y else replace_hidden_tensor(output, new)

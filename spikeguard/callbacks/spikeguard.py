@@ -1,0 +1,403 @@
+"""SpikeGuard: detect, attribute, predict and act on gradient spikes in a Lightning run."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Any
+
+import torch
+
+from spikeguard import keys
+from spikeguard.callbacks._base import (
+    CallbackBase,
+    SafeLogger,
+    all_reduce_max,
+    all_reduce_mean,
+    resolve_chain,
+    resolve_model,
+    shared,
+    world,
+)
+from spikeguard.detect import DetectorConfig, SpikeDetector, predict_spike
+from spikeguard.events import EventLog, SpikeEvent
+from spikeguard.measure.stats import StepStatistics
+from spikeguard.operators import OperatorChain
+
+__all__ = ["SpikeGuard", "ACTIONS"]
+
+#: What SpikeGuard may do at a spike.
+ACTIONS = ("none", "clip", "skip")
+
+
+class SpikeGuard(CallbackBase):
+    """One callback for spike diagnostics: ``Trainer(callbacks=[SpikeGuard()])``.
+
+    Every optimizer step it collects per-operator statistics on the device and feeds a
+    robust online detector (:class:`spikeguard.detect.SpikeDetector`); the host reads
+    the detector only on logging steps, so in ``action="none"`` there is no host sync
+    per step. At a spike it attributes the origin (operator and direction), predicts
+    the spike factor, the outcome and k_rec from the latest AmplificationProbe (if one
+    runs), tracks the observed recovery, appends the event to
+    ``<log dir>/spikeguard/events.jsonl`` and logs metrics to every logger.
+
+    Args:
+        action: ``"none"`` (diagnose only), ``"clip"`` (scale the gradient down to the
+            detector's upper band, on the device, no sync) or ``"skip"`` (a true skip:
+            no parameter change, the optimizer's state and step counters untouched; one
+            host sync per step to decide). Decisions are identical on every rank.
+        threshold, min_factor, operator_threshold, operator_min_factor, window, warmup:
+            the detector's sensitivity (:class:`~spikeguard.detect.DetectorConfig`).
+        rerun: re-run a spiking step's forward and backward on the same batch, weights
+            and RNG (no optimizer update): equal gradient ⇒ ``"reproducible"`` (data or
+            optimisation), different ⇒ ``"transient"`` (numerics, hardware). Needs one
+            sync per step and ``accumulate_grad_batches=1``.
+        rerun_tolerance: relative gradient difference under which a re-run is equal.
+        log_every_n_steps: how often the host reads the detector and logs (None:
+            ``Trainer(log_every_n_steps=...)``). Events are written at these reads.
+        operator_metrics: also log the per-operator statistics and their ratios.
+        events_dir: where ``events.jsonl`` goes (default ``<log dir>/spikeguard``).
+        chain: the operators (None: discovered from the model), or name patterns.
+        model_attr: the attribute of the LightningModule that holds the model.
+        alert: send a W&B alert at each spike when a WandbLogger runs online.
+
+    Logged (against ``trainer/global_step``; see :mod:`spikeguard.keys`):
+
+    ===============================================  ==========================================
+    key                                              value
+    ===============================================  ==========================================
+    ``spikeguard/loss``, ``spikeguard/grad_norm``     what the detector saw at the logging step
+    ``spikeguard/loss_z``, ``spikeguard/grad_norm_z`` robust z-scores of their log values
+    ``spikeguard/grad_norm_band``                    the gradient norm's upper band
+    ``spikeguard/spikes``                            events so far (also in the progress bar)
+    ``spikeguard/skipped_steps``, ``clipped_steps``  actions so far
+    ``spikeguard/spike/factor``, ``z``               at each spike's step
+    ``spikeguard/spike/predicted_factor``            the calibrated prediction at the spike
+    ``spikeguard/spike/predicted_k_rec``             THEORY §4's recovery steps at the spike
+    ``spikeguard/spike/recovery_steps``              observed, when the spike resolves
+    ``spikeguard/op/<operator>/<stat>[_ratio]``      per-operator statistics (and / baseline)
+    ===============================================  ==========================================
+    """
+
+    def __init__(
+        self,
+        action: str = "none",
+        threshold: float = 6.0,
+        min_factor: float = 1.5,
+        operator_threshold: float = 8.0,
+        operator_min_factor: float = 4.0,
+        window: int = 128,
+        warmup: int = 16,
+        rerun: bool = False,
+        rerun_tolerance: float = 1e-3,
+        log_every_n_steps: int | None = None,
+        operator_metrics: bool = True,
+        events_dir: str | None = None,
+        chain: OperatorChain | list[str] | None = None,
+        model_attr: str | None = None,
+        alert: bool = True,
+    ):
+        if action not in ACTIONS:
+            raise ValueError(f"SpikeGuard.action must be one of {list(ACTIONS)}, got {action!r}")
+        if not isinstance(rerun_tolerance, (int, float)) or not rerun_tolerance > 0:
+            raise ValueError(f"SpikeGuard.rerun_tolerance must be > 0, got {rerun_tolerance!r}")
+        if log_every_n_steps is not None and (
+            not isinstance(log_every_n_steps, int) or isinstance(log_every_n_steps, bool) or log_every_n_steps < 1
+        ):
+            raise ValueError(f"SpikeGuard.log_every_n_steps must be None or an int >= 1, got {log_every_n_steps!r}")
+        try:
+            self.config = DetectorConfig(
+                window=window, warmup=warmup, threshold=threshold, min_factor=min_factor,
+                operator_threshold=operator_threshold, operator_min_factor=operator_min_factor,
+            )
+        except ValueError as err:
+            raise ValueError(str(err).replace("DetectorConfig.", "SpikeGuard.")) from None
+        self.action = action
+        self.rerun = rerun
+        self.rerun_tolerance = float(rerun_tolerance)
+        self.log_every_n_steps = log_every_n_steps
+        self.operator_metrics = operator_metrics
+        self.events_dir = events_dir
+        self.chain = chain
+        self.model_attr = model_attr
+        self.alert = alert
+
+        self.stats: StepStatistics | None = None
+        self.detector: SpikeDetector | None = None
+        self.event_log: EventLog | None = None
+        self.num_skipped = 0
+        self.num_clipped = 0
+        self._chain: OperatorChain | None = None
+        self._loss: torch.Tensor | None = None
+        self._skip = False
+        self._patched: list[tuple[Any, Any]] = []
+        self._pending_state: dict[str, Any] | None = None
+        self._saved: tuple[Any, int, Any] | None = None
+        self._rerun_verdicts: dict[int, str] = {}
+        self._clip_count: torch.Tensor | None = None  # on the device: no sync to count
+        self._last_step = -1
+        self._poll_due = False
+        self._logger = SafeLogger("SpikeGuard")
+        self._sinks: list[Any] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(action=self.action, threshold=self.config.threshold, window=self.config.window)
+
+    @property
+    def events(self) -> list[SpikeEvent]:
+        """Every spike event so far (rank 0's view)."""
+        return self.detector.events if self.detector is not None else []
+
+    # -- setup and teardown ------------------------------------------------------------
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank calls it
+        if self.rerun and getattr(trainer, "accumulate_grad_batches", 1) != 1:
+            raise ValueError(
+                "SpikeGuard(rerun=True) compares a re-run micro-batch with the step's gradient, so it needs "
+                f"Trainer(accumulate_grad_batches=1), got {trainer.accumulate_grad_batches}"
+            )
+        model = resolve_model(pl_module, self.model_attr)
+        self._chain = resolve_chain("SpikeGuard", model, self.chain)
+        self.stats = StepStatistics(self._chain, model)
+        events_dir = self.events_dir or os.path.join(log_dir, "spikeguard")
+        self.event_log = EventLog(os.path.join(events_dir, "events.jsonl")) if trainer.is_global_zero else None
+        from spikeguard import wandb as sg_wandb
+
+        self._sinks = sg_wandb.sinks_for(trainer, alert=self.alert)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.detector is None or self.detector.device != pl_module.device:
+            self.detector = SpikeDetector(self._chain.names, self.config, device=pl_module.device)
+        if self._pending_state is not None:
+            self.detector.load_state_dict(self._pending_state["detector"])
+            self._pending_state = None
+        if self.action == "skip":
+            for optimizer in trainer.optimizers:
+                self._patch(optimizer)
+        self._clip_count = torch.full((), float(self.num_clipped), device=pl_module.device)
+        self.stats.attach()
+        self.stats.reset()
+
+    def _patch(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make ``optimizer.step`` skippable: the closure (forward, backward, our decision)
+        still runs, the update does not. Works for every torch optimizer that calls its
+        closure once (not LBFGS)."""
+        original = optimizer.step
+
+        def step(closure: Any = None, **kwargs: Any) -> Any:
+            if closure is None:
+                return None if self._skip else original(**kwargs)
+            loss = closure()  # runs training_step, backward and on_before_optimizer_step
+            if self._skip:
+                return loss
+            return original(closure=lambda: loss, **kwargs)
+
+        optimizer.step = step
+        self._patched.append((optimizer, original))
+
+    def _unpatch(self) -> None:
+        for optimizer, original in self._patched:
+            optimizer.step = original
+        self._patched.clear()
+
+    def _detach(self) -> None:
+        if self.stats is not None:
+            self.stats.detach()
+        self._unpatch()
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.stats is not None:
+            self.stats.detach()
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._poll(trainer, pl_module)
+        self._detach()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._detach()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._detach()
+
+    # -- per step ----------------------------------------------------------------------
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.stats.attach()  # idempotent; re-attaches after validation
+        if self.rerun:
+            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and pl_module.device.type == "cuda" else None
+            self._saved = (batch, batch_idx, (torch.get_rng_state(), cuda))
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        loss = loss.detach()
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(scaler, "_scale", None) is not None:
+            loss = loss / scaler._scale  # 16-mixed scales the loss before backward: undo, on device
+        # Lightning divides by accumulate_grad_batches: the sum over micro-batches is the mean.
+        self._loss = loss if self._loss is None else self._loss + loss
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        step = trainer.global_step
+        if self.detector is None or step == self._last_step:
+            return  # several optimizers: one decision per optimizer step
+        self._last_step = step
+        stats = self.stats.collect()
+        self.stats.reset()
+        loss = self._loss if self._loss is not None else torch.tensor(math.nan, device=pl_module.device)
+        self._loss = None
+        loss = all_reduce_mean(loss.reshape(1).float(), trainer).reshape(())
+        flag = self.detector.update(step, loss, stats)
+        if world(trainer) > 1:
+            flag = all_reduce_max(flag.to(torch.int32), trainer).bool()
+        if self.action == "clip":
+            self._clip(pl_module, flag, stats.grad_norm)
+        needs_host = self.action == "skip" or self.rerun
+        spike_now = bool(flag) if needs_host else False  # the one sync per step, only when asked
+        if self.action == "skip":
+            self._skip = spike_now
+            self.num_skipped += int(spike_now)
+        if self.rerun and spike_now:
+            self._rerun_verdicts[step] = self._rerun_step(trainer, pl_module)
+        self._poll_due = spike_now or step % self._every(trainer) == 0
+
+    def _every(self, trainer: Any) -> int:
+        return self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 50) or 50
+
+    @torch.no_grad()
+    def _clip(self, pl_module: Any, flag: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        band = self.detector.upper_band.to(grad_norm.dtype)
+        factor = torch.where(flag & torch.isfinite(grad_norm) & (grad_norm > band), band / grad_norm, torch.ones_like(grad_norm))
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+        self._clip_count += (factor < 1).to(self._clip_count.dtype)
+
+    def _rerun_step(self, trainer: Any, pl_module: Any) -> str:
+        """Recompute the gradient of this step with the same batch, weights and RNG."""
+        batch, batch_idx, (cpu_rng, cuda_rng) = self._saved
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        state = shared(trainer)
+        state.rerun_active = True
+        try:
+            with torch.random.fork_rng(devices=[pl_module.device] if cuda_rng is not None else []):
+                torch.set_rng_state(cpu_rng)
+                if cuda_rng is not None:
+                    torch.cuda.set_rng_state_all(cuda_rng)
+                # Statistics sit the re-run out; the Perturb callback's transient faults see
+                # rerun_active and stay off; persistent perturbations (other owners) apply.
+                with torch.enable_grad(), trainer.precision_plugin.forward_context(), self._quiet_stats():
+                    out = pl_module.training_step(batch, batch_idx)
+                    loss = out["loss"] if isinstance(out, dict) else out
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            state.rerun_active = False
+        diff = torch.zeros((), dtype=torch.float64, device=pl_module.device)
+        ref = torch.zeros((), dtype=torch.float64, device=pl_module.device)
+        for p, g in zip(params, grads):
+            if p.grad is None:
+                continue
+            g = torch.zeros_like(p.grad) if g is None else all_reduce_mean(g.clone(), trainer)
+            diff += (g.double() - p.grad.double()).pow(2).sum()
+            ref += p.grad.double().pow(2).sum()
+        relative = float(diff.sqrt() / ref.sqrt().clamp_min(1e-300))
+        return "reproducible" if relative <= self.rerun_tolerance else "transient"
+
+    def _quiet_stats(self):
+        """Detach the statistics' hooks for a block (their gradient hooks included)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def quiet():
+            self.stats.detach()
+            try:
+                yield
+            finally:
+                self.stats.attach()
+
+        return quiet()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._poll_due:
+            self._poll_due = False
+            self._poll(trainer, pl_module)
+        pl_module.log("spikes", float(len(self.events)), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+    # -- reading the detector ----------------------------------------------------------
+
+    def _poll(self, trainer: Any, pl_module: Any) -> None:
+        if self.detector is None:
+            return
+        prediction = shared(trainer).prediction
+        new, resolved = self.detector.poll(lambda e, c: predict_spike(e, c, prediction))
+        for event in new:
+            event.action = self.action
+            event.rerun = self._rerun_verdicts.pop(event.step, None)
+        if not trainer.is_global_zero:
+            return
+        for event in new:
+            self.event_log.spike(event)
+            self._logger.log(trainer, self._event_metrics(event), event.step)
+            for sink in self._sinks:
+                self._logger.call(trainer, f"{type(sink).__name__}.spike", lambda sink=sink: sink.spike(trainer, event))
+        for event in resolved:
+            self.event_log.outcome(event)
+            if event.recovery_steps is not None:
+                self._logger.log(trainer, {keys.metric("spike", "recovery_steps"): float(event.recovery_steps)}, event.step + event.recovery_steps)
+            for sink in self._sinks:
+                self._logger.call(trainer, f"{type(sink).__name__}.outcome", lambda sink=sink: sink.outcome(trainer, event))
+        self._logger.log(trainer, self._step_metrics(), self.detector.latest["step"] if self.detector.latest else trainer.global_step)
+
+    def _event_metrics(self, event: SpikeEvent) -> dict[str, float]:
+        out = {keys.metric("spike", "factor"): event.factor, keys.metric("spike", "z"): event.z}
+        for field, key in (("factor", "predicted_factor"), ("k_rec", "predicted_k_rec")):
+            value = event.predicted.get(field)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                out[keys.metric("spike", key)] = float(value)
+        return {k: v for k, v in out.items() if math.isfinite(v)}
+
+    def _step_metrics(self) -> dict[str, float]:
+        latest = self.detector.latest_values()
+        if not latest:
+            return {}
+        if self._clip_count is not None:
+            self.num_clipped = int(self._clip_count)  # a logging step: reading is allowed
+        clipped = self.num_clipped
+        out = {
+            keys.metric("loss"): latest["loss"], keys.metric("grad_norm"): latest["grad_norm"],
+            keys.metric("loss_z"): latest["loss_z"], keys.metric("grad_norm_z"): latest["grad_norm_z"],
+            keys.metric("grad_norm_band"): latest["grad_norm_band"],
+            keys.metric("spikes"): float(len(self.events)),
+            keys.metric("skipped_steps"): float(self.num_skipped),
+            keys.metric("clipped_steps"): float(clipped),
+        }
+        if self.operator_metrics:
+            for stat, values in latest["operators"].items():
+                for name, value in values.items():
+                    out[keys.operator_metric(name, stat)] = value
+                    out[keys.operator_metric(name, f"{stat}_ratio")] = latest["ratios"][stat][name]
+        return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+    # -- checkpointing -----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"num_skipped": self.num_skipped, "num_clipped": self.num_clipped}
+        if self.detector is not None:
+            state["detector"] = self.detector.state_dict()
+        elif self._pending_state is not None:
+            state["detector"] = self._pending_state["detector"]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.num_skipped = int(state_dict.get("num_skipped", 0))
+        self.num_clipped = int(state_dict.get("num_clipped", 0))
+        if "detector" not in state_dict:
+            warnings.warn("SpikeGuard.load_state_dict: no detector state in the checkpoint; starting fresh", stacklevel=2)
+            return
+        if self.detector is not None:
+            self.detector.load_state_dict(state_dict["detector"])
+        else:
+            self._pending_state = {"detector": state_dict["detector"]}
