@@ -10,7 +10,9 @@ import spikeguard
 
 #: Modules that provide ``add_parser(subparsers) -> argparse.ArgumentParser`` and set
 #: ``func=<callable(args) -> int>`` on it. Imported lazily so that ``--help`` stays fast.
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "reproduce": "spikeguard.reproduce.cli",
+}
 
 
 def _parser() -> argparse.ArgumentParser:

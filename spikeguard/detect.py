@@ -9,15 +9,22 @@ only when asked (:meth:`SpikeDetector.poll`), in one transfer. Signals, per step
   parameter-gradient norm (gradients), from :class:`spikeguard.measure.StepStats`
   (anomalies of kind ``operator`` when the loss and the global norm stay in band).
 
-Robust statistics: over the last ``window`` accepted values of each signal, the median
-and the MAD of log values; ``z = (x - median) / (1.4826 · MAD)``. A value is a spike when
-``z > threshold`` *and* it exceeds the median by ``min_factor`` (so that a very quiet
-signal does not flag tiny wiggles). Flagged values never enter the window, so a spike
-does not widen the band for the next one; non-finite values are a spike of their own
-kind and never enter it either. Why these defaults: a log-normal fluctuation has
-MAD-scale σ; z > 6 on log values is OLMo's 6σ rule made robust (median/MAD instead of
-mean/std, which a spike inflates), and min_factor 1.5 is well under the 3x of
-Lightning's SpikeDetection while far above step-to-step noise of a training run.
+Robust statistics of log values, per signal, over the last ``window`` accepted values:
+the baseline is the median of the ``recent`` newest ones (it follows the trend of a
+training curve), the noise scale σ = 1.4826 · MAD of the values around their local
+level (the median of their own chunk of ``recent`` values, so that a slow trend does not
+inflate it), and ``z = (x - baseline) / σ``. A value is a spike when ``z > threshold``
+*and* it exceeds both the baseline and the last accepted value by ``min_factor`` (so
+that a very quiet signal does not flag tiny wiggles, and a signal that rises steadily,
+as some do early in training, is not a spike). Flagged values never enter the window, nor do the elevated values
+of a spike's tail (for ``merge_gap`` steps, those above half the threshold), so a spike
+does not widen the band for the next one; non-finite values are a spike of their own kind
+and never enter it either. Why these defaults: z > 6 is OLMo-core's 6σ rule made
+robust (median/MAD instead of mean/std, which a spike inflates); min_factor 3 is the
+factor of Lightning's SpikeDetection, above the 2-2.5x jumps a small-batch run's gradient
+norm makes on its own; an operator's own statistics flag only at z > 10 and 8x (silent
+corruption and absorbed outliers are far larger; a natural batch can move one block's
+gradient message 10x for a step).
 """
 
 from __future__ import annotations
@@ -46,7 +53,9 @@ class DetectorConfig:
     """Settings of :class:`SpikeDetector` (validated; each error names the key).
 
     Attributes:
-        window: accepted values per signal in the median/MAD window.
+        window: accepted values per signal kept for the noise scale.
+        recent: the newest accepted values whose median is the baseline (a short window
+            follows the trend of a training curve; at most ``window``).
         warmup: accepted values a signal needs before it can flag.
         threshold: robust z above which the loss or the gradient norm spikes.
         min_factor: ...and the factor above the median it must also exceed.
@@ -55,7 +64,10 @@ class DetectorConfig:
         attribution_threshold: robust z above which an operator counts as anomalous
             when attributing a spike (lower than detection: the spike is known).
         attribution_min_factor: factor above its median for attribution.
-        merge_gap: flagged steps at most this far apart are one event.
+        attribution_share: fraction of the largest anomaly score (of the same
+            direction) an operator's score must reach to be an origin.
+        merge_gap: flagged steps at most this far apart are one event, as long as the
+            earlier one has not recovered in between (a diverged event keeps merging).
         recover_within: steps after which a spike that has not recovered is
             ``not_recovered``.
         kappa: κ of THEORY §4: recovered when the loss excess over loss* is within
@@ -69,14 +81,17 @@ class DetectorConfig:
     """
 
     window: int = 128
+    recent: int = 16
     warmup: int = 16
     threshold: float = 6.0
-    min_factor: float = 1.5
-    operator_threshold: float = 8.0
-    operator_min_factor: float = 4.0
+    min_factor: float = 3.0
+    operator_threshold: float = 10.0
+    operator_min_factor: float = 8.0
     attribution_threshold: float = 4.0
-    attribution_min_factor: float = 1.25
+    attribution_min_factor: float = 1.5
+    attribution_share: float = 0.2
     merge_gap: int = 3
+    regime_steps: int = 16
     recover_within: int = 500
     kappa: float = 0.1
     recover_z: float = 2.0
@@ -84,7 +99,7 @@ class DetectorConfig:
     history: int = 1024
 
     def __post_init__(self) -> None:
-        for key in ("window", "warmup", "merge_gap", "recover_within", "history"):
+        for key in ("window", "recent", "warmup", "merge_gap", "regime_steps", "recover_within", "history"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DetectorConfig.{key} must be an int >= 1, got {value!r}")
@@ -98,8 +113,11 @@ class DetectorConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 1:
                 raise ValueError(f"DetectorConfig.{key} must be a number >= 1, got {value!r}")
+        if not isinstance(self.attribution_share, (int, float)) or not 0 < self.attribution_share <= 1:
+            raise ValueError(f"DetectorConfig.attribution_share must be in (0, 1], got {self.attribution_share!r}")
         if self.loss_floor is not None and (
-            not isinstance(self.loss_floor, (int, float)) or not math.isfinite(self.loss_floor)
+            not isinstance(self.loss_floor, (int, float)) or isinstance(self.loss_floor, bool)
+            or not math.isfinite(self.loss_floor)
         ):
             raise ValueError(f"DetectorConfig.loss_floor must be None or a finite number, got {self.loss_floor!r}")
 
@@ -123,14 +141,20 @@ class SpikeDetector:
         n = len(self.names)
         self.num_signals = 2 + len(OPERATOR_STATS) * n
         self._reset_state()
+        # Parameter gradients are watched and reported but never flag on their own: a tied
+        # or sparse one (embeddings) jumps with the batch's tokens.
+        op_thresholds = [
+            math.inf if key == "param_grad_norm" else self.config.operator_threshold
+            for key, _ in OPERATOR_STATS for _ in range(n)
+        ]
         self._thresholds = torch.tensor(
-            [self.config.threshold] * 2 + [self.config.operator_threshold] * (self.num_signals - 2),
-            dtype=torch.float64, device=self.device,
+            [self.config.threshold] * 2 + op_thresholds, dtype=torch.float64, device=self.device,
         )
         self._log_factors = torch.tensor(
             [math.log(self.config.min_factor)] * 2 + [math.log(self.config.operator_min_factor)] * (self.num_signals - 2),
             dtype=torch.float64, device=self.device,
         )
+        self._arange = torch.arange(self.config.window, device=self.device)
         self.events: list[SpikeEvent] = []  # every event, in order
         self._pending: list[SpikeEvent] = []
         self._last_polled = -1
@@ -145,16 +169,26 @@ class SpikeDetector:
         self.window = torch.full((w, k), math.nan, dtype=torch.float64, device=dev)
         self.position = torch.zeros(k, dtype=torch.int64, device=dev)
         self.accepted = torch.zeros(k, dtype=torch.int64, device=dev)
+        self.cooldown = torch.zeros(k, dtype=torch.int64, device=dev)
+        self.streak = torch.zeros(k, dtype=torch.int64, device=dev)
         # Row layout of the history: [x (K) | median (K) | scale (K) | flags (K) | nonfinite, step]
         self.history = torch.full((self.config.history, 4 * k + 2), math.nan, dtype=torch.float64, device=dev)
         self.flag = torch.zeros((), dtype=torch.bool, device=dev)
         self.upper_band = torch.full((), math.inf, dtype=torch.float64, device=dev)
 
     def state_dict(self) -> dict[str, Any]:
-        """Device statistics, the not-yet-polled history, and every event so far."""
+        """Device statistics, the not-yet-polled history, and every event so far.
+
+        Tensors are host copies: on CPU ``.cpu()`` would return the live tensors, which
+        :meth:`update` mutates in place, so a state dict kept in memory would drift.
+        """
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to("cpu", copy=True)
+
         return {
-            "window": self.window.cpu(), "position": self.position.cpu(), "accepted": self.accepted.cpu(),
-            "history": self.history.cpu(), "flag": self.flag.cpu(), "upper_band": self.upper_band.cpu(),
+            "window": copy(self.window), "position": copy(self.position), "accepted": copy(self.accepted),
+            "history": copy(self.history), "flag": copy(self.flag), "upper_band": copy(self.upper_band),
+            "cooldown": copy(self.cooldown), "streak": copy(self.streak),
             "events": [e.to_dict() for e in self.events],
             "pending_ids": [e.id for e in self._pending],
             "last_polled": self._last_polled, "steps_seen": list(self._steps_seen),
@@ -172,18 +206,24 @@ class SpikeDetector:
                 f"SpikeDetector.load_state_dict: window shape {tuple(state['window'].shape)} in the "
                 f"checkpoint, {tuple(self.window.shape)} configured (DetectorConfig.window changed?)"
             )
-        for key in ("window", "position", "accepted", "flag", "upper_band"):
+        for key in ("window", "position", "accepted", "cooldown", "streak", "flag", "upper_band"):
             getattr(self, key).copy_(state[key].to(self.device))
-        self.history = state["history"].to(self.device).clone()
+        history = state["history"].to(self.device)
+        self._steps_seen = list(state["steps_seen"])
+        if history.shape == self.history.shape:
+            self.history = history.clone()
+        else:  # DetectorConfig.history changed: move the unread rows to their new slots
+            self.history.fill_(math.nan)
+            for s in self._steps_seen:
+                self.history[s % self.config.history] = history[s % history.shape[0]]
         self.events = [SpikeEvent(**_restore(e)) for e in state["events"]]
         by_id = {e.id: e for e in self.events}
         self._pending = [by_id[i] for i in state["pending_ids"] if i in by_id]
         self._last_polled = state["last_polled"]
-        self._steps_seen = list(state["steps_seen"])
 
     # -- per step (device only) --------------------------------------------------------
 
-    def _signals(self, loss: torch.Tensor, stats: Any | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _signals(self, loss: torch.Tensor, stats: Any | None, overflow_ok: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The raw signal vector (K,) in float64 and whether anything was non-finite."""
         n = len(self.names)
         parts = [loss.detach().reshape(1).to(self.device, torch.float64)]
@@ -196,29 +236,64 @@ class SpikeDetector:
             for key, _ in OPERATOR_STATS:
                 parts.append(getattr(stats, key).detach().to(self.device, torch.float64))
             counts = stats.out_nonfinite.sum() + stats.msg_nonfinite.sum() + stats.grad_nonfinite
-            nonfinite = (counts > 0) | ~torch.isfinite(parts[0]).all() | ~torch.isfinite(parts[1]).all()
+            nonfinite = (counts > 0) | ~torch.isfinite(parts[0]).all()
+            if not overflow_ok:
+                nonfinite = nonfinite | ~torch.isfinite(parts[1]).all()
         return torch.cat(parts), nonfinite
 
+    def _baseline(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per signal: the baseline (median of the ``recent`` newest accepted values), the
+        noise scale σ (1.4826 · MAD of the window's values around their local level) and
+        the newest accepted value.
+
+        Training curves trend (a loss falls, a gradient norm decays early on). A window-
+        wide median lags a trend and the window's spread overstates the noise, so the
+        window is cut, oldest to newest, into chunks of ``recent`` values and each value is
+        measured from its own chunk's median: σ keeps the noise's real spread (its heavy
+        tails, its correlation from step to step) without the trend's.
+        """
+        w = self.config.window
+        r = max(1, min(self.config.recent, w))
+        # Oldest to newest, per signal (each signal has its own write position).
+        order = (self.position.unsqueeze(0) + self._arange.unsqueeze(1)) % w  # (W, K)
+        ordered = self.window.gather(0, order)
+        median = torch.nanmedian(ordered[-r:], dim=0).values
+        usable = (w // r) * r
+        chunks = ordered[w - usable :].view(usable // r, r, -1)  # (C, r, K), newest chunk last
+        local = torch.nanmedian(chunks, dim=1, keepdim=True).values
+        mad = torch.nanmedian((chunks - local).abs().view(usable, -1), dim=0).values
+        return median, _MAD_TO_SIGMA * mad, ordered[-1]
+
     @torch.no_grad()
-    def update(self, step: int, loss: torch.Tensor, stats: Any | None = None) -> torch.Tensor:
+    def update(self, step: int, loss: torch.Tensor, stats: Any | None = None, overflow_ok: bool = False) -> torch.Tensor:
         """Feed one optimizer step; returns the device flag (True: loss/grad/non-finite spike).
 
         ``stats`` is a :class:`spikeguard.measure.StepStats` of the same operators, or
-        None (then only the loss is watched). No host synchronisation.
+        None (then only the loss is watched). ``overflow_ok``: a non-finite gradient norm
+        with a finite loss is a loss scaler's overflow (16-mixed), which the scaler
+        handles: it is kept out of the statistics but is not a spike. No host sync.
         """
-        raw, nonfinite = self._signals(loss, stats)
+        raw, nonfinite = self._signals(loss, stats, overflow_ok)
         x = torch.log(raw.clamp_min(_TINY))  # log 0 would be -inf: a zero is just very small
         finite = torch.isfinite(x) & torch.isfinite(raw)
-        median = torch.nanmedian(self.window, dim=0).values
-        mad = torch.nanmedian((self.window - median).abs(), dim=0).values
-        scale = _MAD_TO_SIGMA * mad
+        median, scale, last = self._baseline()
         excess = x - median
         ready = self.accepted >= self.config.warmup
-        over = (excess > self._thresholds * scale) & (excess > self._log_factors)
+        # A spike is sudden: it also jumps by the factor from the last accepted value,
+        # which a signal that merely trends (early training) does not.
+        over = (excess > self._thresholds * scale) & (excess > self._log_factors) & (x - last > self._log_factors)
         flags = ready & finite & torch.nan_to_num(over.to(torch.float64), nan=0.0).bool()
         step_flag = nonfinite | flags[:2].any()
-        # Spike values never enter the window; at a loss/grad spike no signal does.
-        accept = finite & ~flags & ~step_flag
+        # Spike values never enter the window; at a loss/grad spike no signal does. For
+        # merge_gap steps after a flag, a signal also stays out while it is above half its
+        # threshold: the tail of a spike must not widen the band for the next one.
+        tail = (self.cooldown > 0) & (excess > 0.5 * self._thresholds * scale)
+        accept = finite & ~flags & ~step_flag & ~torch.nan_to_num(tail.to(torch.float64), nan=0.0).bool()
+        # A level that stays out of band for regime_steps steps is the new normal (a
+        # changed data mix, a learning-rate change): let it in, or the band never adapts.
+        self.streak = torch.where(flags, self.streak + 1, torch.zeros_like(self.streak))
+        accept = accept | (finite & (self.streak > self.config.regime_steps))
+        self.cooldown = torch.where(flags | step_flag, torch.full_like(self.cooldown, self.config.merge_gap), (self.cooldown - 1).clamp_min(0))
         slot = self.position % self.config.window
         current = self.window.gather(0, slot.unsqueeze(0)).squeeze(0)
         self.window.scatter_(0, slot.unsqueeze(0), torch.where(accept, x, current).unsqueeze(0))
@@ -272,7 +347,8 @@ class SpikeDetector:
             self.latest = {"step": step, "x": row[:k], "median": row[k : 2 * k], "scale": row[2 * k : 3 * k]}
             x, median, scale, flags = row[:k], row[k : 2 * k], row[2 * k : 3 * k], row[3 * k : 4 * k].bool()
             nonfinite = bool(row[-2])
-            if not (nonfinite or flags.any()):  # a spiking step never counts as recovered
+            # A spiking step never counts as recovered; a non-finite loss is divergence.
+            if not (nonfinite or flags.any()) or not math.isfinite(float(x[0])):
                 resolved += self._track(step, x, median)
             kind = None
             if nonfinite:
@@ -286,7 +362,11 @@ class SpikeDetector:
             if kind is None:
                 continue
             last = self.events[-1] if self.events else None
-            if last is not None and step - (last.step + last.duration - 1) <= self.config.merge_gap and last.outcome == "pending":
+            # A diverged event keeps absorbing its non-finite steps (one event, not one a step).
+            if (
+                last is not None and step - (last.step + last.duration - 1) <= self.config.merge_gap
+                and last.outcome in ("pending", "diverged")
+            ):
                 last.duration = step - last.step + 1
                 continue
             z = _robust_z(x, median, scale)
@@ -362,14 +442,15 @@ class SpikeDetector:
         return done
 
 
-def _restore(data: dict[str, Any]) -> dict[str, Any]:
-    """Undo the JSON-safe strings of non-finite floats."""
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, str) and value in ("inf", "-inf", "nan"):
-            value = float(value)
-        out[key] = value
-    return out
+def _restore(data: Any) -> Any:
+    """Undo the JSON-safe strings of non-finite floats, nested dicts and lists included."""
+    if isinstance(data, str) and data in ("inf", "-inf", "nan"):
+        return float(data)
+    if isinstance(data, dict):
+        return {key: _restore(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_restore(value) for value in data]
+    return data
 
 
 def _robust_z(x: torch.Tensor, median: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -395,39 +476,54 @@ def attribute(
 ) -> tuple[str | None, str | None, dict[str, dict[str, float]]]:
     """Where a spike starts, from each operator's statistics against its own baseline.
 
-    The first operator in forward order whose activations (amax or RMS) are anomalous
-    is a forward origin; otherwise the top-most operator whose gradient message is
-    anomalous is a backward origin (a gradient perturbation travels down only). Anomalous: robust z above ``attribution_threshold`` and a
-    factor above ``attribution_min_factor`` (non-finite values are always anomalous).
+    Each operator gets an anomaly score per direction: the larger robust z of its output
+    amax and RMS (forward), the robust z of its gradient message (backward). A score
+    counts when it exceeds ``attribution_threshold``, its factor over the median exceeds
+    ``attribution_min_factor``, and it reaches ``attribution_share`` of the largest score
+    of that direction (so that step-to-step noise of a quiet operator is not mistaken for
+    the start of a large spike); a non-finite statistic always counts. The first such
+    operator in forward order is a forward origin; otherwise the top-most with a
+    gradient-message anomaly is a backward origin (a gradient perturbation only travels
+    down). Parameter gradients are reported but not used: a tied weight (GPT-2's
+    ``lm_head`` is the embedding) is anomalous wherever its twin is.
+
     Returns ``(origin, direction, ratios)``, ratios per operator and statistic.
     """
     n = len(names)
     ratios: dict[str, dict[str, float]] = {name: {} for name in names}
-    anomalous: dict[str, list[bool]] = {}
+    scores: dict[str, list[float]] = {}
     log_min = math.log(config.attribution_min_factor)
     for s, (key, _) in enumerate(OPERATOR_STATS):
-        xs = x[2 + s * n : 2 + (s + 1) * n]
-        ms = median[2 + s * n : 2 + (s + 1) * n]
-        ss = scale[2 + s * n : 2 + (s + 1) * n]
-        flags = []
-        for i, name in enumerate(names):
-            value, med, sc = float(xs[i]), float(ms[i]), float(ss[i])
-            ratio = math.exp(value - med) if math.isfinite(value) and math.isfinite(med) else (math.inf if not math.isfinite(value) else math.nan)
-            ratios[name][key] = ratio
+        sl = slice(2 + s * n, 2 + (s + 1) * n)
+        row = []
+        for name, value, med, sc in zip(names, x[sl].tolist(), median[sl].tolist(), scale[sl].tolist()):
+            ratios[name][key] = _ratio(torch.tensor(value), torch.tensor(med))
             if not math.isfinite(value):
-                flags.append(not math.isnan(med) or math.isinf(value) or math.isnan(value))
-                continue
-            z = (value - med) / max(sc, 1e-12) if math.isfinite(med) else 0.0
-            flags.append(z > config.attribution_threshold and value - med > log_min)
-        anomalous[key] = flags
-    for i, name in enumerate(names):
-        if anomalous["out_amax"][i] or anomalous["out_rms"][i]:
-            return name, "forward", ratios
-    # Gradient messages only: a parameter gradient can be shared (GPT-2's lm_head weight
-    # is the embedding's), so its norm is anomalous wherever the tied weight is.
-    for i in reversed(range(n)):
-        if anomalous["msg_norm"][i]:
-            return names[i], "backward", ratios
+                row.append(math.inf)  # inf, or NaN kept raw: always anomalous
+            elif not math.isfinite(med) or value - med <= log_min:
+                row.append(0.0)
+            else:
+                row.append((value - med) / max(sc, 1e-12))
+        scores[key] = row
+    forward = [max(a, r) for a, r in zip(scores["out_amax"], scores["out_rms"])]
+    backward = scores["msg_norm"]
+
+    def anomalous(row: list[float]) -> list[bool]:
+        top = max(row, default=0.0)
+        cut = config.attribution_share * top if math.isfinite(top) else math.inf
+        return [v == math.inf or (v > config.attribution_threshold and v >= cut) for v in row]
+
+    # The direction with the stronger evidence: a forward perturbation moves the
+    # activations at and above its operator (and, through the loss, gradients everywhere);
+    # a backward one moves gradient messages at and below it and leaves this step's
+    # activations exactly as they were.
+    if max(forward, default=0.0) >= max(backward, default=0.0):
+        for name, flag in zip(names, anomalous(forward)):
+            if flag:
+                return name, "forward", ratios
+    for name, flag in reversed(list(zip(names, anomalous(backward)))):
+        if flag:
+            return name, "backward", ratios
     return None, None, ratios
 
 

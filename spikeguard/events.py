@@ -145,9 +145,13 @@ def read_events(path: str | os.PathLike) -> list[dict[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            if number == len(lines) and not line.endswith("}"):
-                break  # the last line was cut off mid-write
+            # Every record ends with a newline, so only a line without one (the piece after
+            # the last newline) can be cut off mid-write, whatever character it stops at.
+            if number == len(lines):
+                break
             raise ValueError(f"{path}:{number}: not a JSON object ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: not a JSON object (got {type(record).__name__})")
         kind = record.pop("type", None)
         if kind == "spike":
             events[record["id"]] = record

@@ -43,3 +43,44 @@ def tiny_bert(kind: str = "mlm", n_layer: int = 2):
     cls = {"mlm": BertForMaskedLM, "cls": BertForSequenceClassification, "base": BertModel}[kind]
     return cls(config).eval()
 
+
+
+TINY_GPT2 = {
+    "model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 32,
+    "bos_token_id": 0, "eos_token_id": 0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+}
+
+
+def tiny_lm(**overrides):
+    """A 2-layer byte-level GPT-2 LightningModule built from a config (no download)."""
+    from spikeguard.recipes.modules import CausalLMModule
+
+    config = dict(TINY_GPT2)
+    config.update(overrides.pop("config", {}))
+    return CausalLMModule(config=config, vocab_size=256, lr=overrides.pop("lr", 1e-3), **overrides)
+
+
+def tiny_data(**overrides):
+    """The embedded corpus, byte-level, short blocks, a small slice of it."""
+    from spikeguard.recipes.data import TextDataModule
+
+    settings = dict(seq_len=32, batch_size=16, max_tokens=120_000, seed=0)
+    settings.update(overrides)
+    return TextDataModule(**settings)
+
+
+def trainer(package="pytorch_lightning", **kwargs):
+    """A quiet CPU Trainer from either Lightning package."""
+    import importlib
+    import logging
+    import warnings
+
+    pl = importlib.import_module("pytorch_lightning" if package == "pytorch_lightning" else "lightning.pytorch")
+    logging.getLogger(package.split(".")[0]).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|litlogger).*")
+    settings = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, log_every_n_steps=10,
+    )
+    settings.update(kwargs)
+    return pl.Trainer(**settings)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from spikeguard import keys, theory
+from spikeguard._tensor import measurement
 from spikeguard.callbacks._base import CallbackBase, SafeLogger, resolve_chain, resolve_model, shared
 from spikeguard.detect import Prediction
 from spikeguard.measure import sharpness as sharp
@@ -221,7 +222,15 @@ class AmplificationProbe(CallbackBase):
     def _sharpness(self, batch: Any, optimizer: Any, metrics: dict[str, float]) -> float | None:
         model, loss_fn = self.core.model, self.core._wrapper.loss_fn
         params = [p for p in model.parameters() if p.requires_grad]
-        closure = lambda: loss_fn(model, batch)  # noqa: E731
+
+        def closure() -> torch.Tensor:
+            # Hessian-vector products need double backward, which fused attention kernels
+            # lack: build this graph with the math attention backend.
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([SDPBackend.MATH]), measurement(closure):
+                return loss_fn(model, batch)
+
         kind, beta = optimizer_kind(optimizer)
         try:
             if kind == "adam":

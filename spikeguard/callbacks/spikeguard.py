@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -49,6 +50,9 @@ class SpikeGuard(CallbackBase):
             host sync per step to decide). Decisions are identical on every rank.
         threshold, min_factor, operator_threshold, operator_min_factor, window, warmup:
             the detector's sensitivity (:class:`~spikeguard.detect.DetectorConfig`).
+        max_consecutive_skips: with ``action="skip"``, the most steps skipped in a row;
+            a spike that outlasts them comes from the weights, not a transient fault, and
+            steps go through again (with a warning).
         rerun: re-run a spiking step's forward and backward on the same batch, weights
             and RNG (no optimizer update): equal gradient ⇒ ``"reproducible"`` (data or
             optimisation), different ⇒ ``"transient"`` (numerics, hardware). Needs one
@@ -84,11 +88,12 @@ class SpikeGuard(CallbackBase):
         self,
         action: str = "none",
         threshold: float = 6.0,
-        min_factor: float = 1.5,
-        operator_threshold: float = 8.0,
-        operator_min_factor: float = 4.0,
+        min_factor: float = 3.0,
+        operator_threshold: float = 10.0,
+        operator_min_factor: float = 8.0,
         window: int = 128,
         warmup: int = 16,
+        max_consecutive_skips: int = 4,
         rerun: bool = False,
         rerun_tolerance: float = 1e-3,
         log_every_n_steps: int | None = None,
@@ -100,6 +105,8 @@ class SpikeGuard(CallbackBase):
     ):
         if action not in ACTIONS:
             raise ValueError(f"SpikeGuard.action must be one of {list(ACTIONS)}, got {action!r}")
+        if not isinstance(max_consecutive_skips, int) or isinstance(max_consecutive_skips, bool) or max_consecutive_skips < 1:
+            raise ValueError(f"SpikeGuard.max_consecutive_skips must be an int >= 1, got {max_consecutive_skips!r}")
         if not isinstance(rerun_tolerance, (int, float)) or not rerun_tolerance > 0:
             raise ValueError(f"SpikeGuard.rerun_tolerance must be > 0, got {rerun_tolerance!r}")
         if log_every_n_steps is not None and (
@@ -114,6 +121,8 @@ class SpikeGuard(CallbackBase):
         except ValueError as err:
             raise ValueError(str(err).replace("DetectorConfig.", "SpikeGuard.")) from None
         self.action = action
+        self.max_consecutive_skips = max_consecutive_skips
+        self._consecutive = 0
         self.rerun = rerun
         self.rerun_tolerance = float(rerun_tolerance)
         self.log_every_n_steps = log_every_n_steps
@@ -232,10 +241,16 @@ class SpikeGuard(CallbackBase):
             cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and pl_module.device.type == "cuda" else None
             self._saved = (batch, batch_idx, (torch.get_rng_state(), cuda))
 
+    @staticmethod
+    def _scaler(trainer: Any) -> Any:
+        """The GradScaler of 16-mixed training, once it has a (device) scale; else None."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        return scaler if scaler is not None and getattr(scaler, "_scale", None) is not None else None
+
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         loss = loss.detach()
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and getattr(scaler, "_scale", None) is not None:
+        scaler = self._scaler(trainer)
+        if scaler is not None:
             loss = loss / scaler._scale  # 16-mixed scales the loss before backward: undo, on device
         # Lightning divides by accumulate_grad_batches: the sum over micro-batches is the mean.
         self._loss = loss if self._loss is None else self._loss + loss
@@ -250,7 +265,17 @@ class SpikeGuard(CallbackBase):
         loss = self._loss if self._loss is not None else torch.tensor(math.nan, device=pl_module.device)
         self._loss = None
         loss = all_reduce_mean(loss.reshape(1).float(), trainer).reshape(())
-        flag = self.detector.update(step, loss, stats)
+        scaler = self._scaler(trainer)
+        if scaler is not None:
+            # Gradient messages were seen scaled by the loss scale: undo it (the scale grows
+            # and shrinks over training). An inf gradient with a finite loss is the scaler's
+            # overflow, which it skips and handles itself: not a spike.
+            stats = dataclasses.replace(
+                stats, msg_norm=stats.msg_norm / scaler._scale.to(stats.msg_norm.dtype),
+                msg_nonfinite=torch.zeros_like(stats.msg_nonfinite),
+                grad_nonfinite=torch.zeros_like(stats.grad_nonfinite),
+            )
+        flag = self.detector.update(step, loss, stats, overflow_ok=scaler is not None)
         if world(trainer) > 1:
             flag = all_reduce_max(flag.to(torch.int32), trainer).bool()
         if self.action == "clip":
@@ -258,8 +283,18 @@ class SpikeGuard(CallbackBase):
         needs_host = self.action == "skip" or self.rerun
         spike_now = bool(flag) if needs_host else False  # the one sync per step, only when asked
         if self.action == "skip":
-            self._skip = spike_now
-            self.num_skipped += int(spike_now)
+            # Skipping helps against a transient fault; against a spike the weights themselves
+            # cause, it freezes training where it is. After max_consecutive_skips, let steps through.
+            self._consecutive = self._consecutive + 1 if spike_now else 0
+            self._skip = spike_now and self._consecutive <= self.max_consecutive_skips
+            if spike_now and not self._skip and self._consecutive == self.max_consecutive_skips + 1:
+                warnings.warn(
+                    f"SpikeGuard: {self.max_consecutive_skips} steps in a row were skipped and the spike "
+                    f"persists at step {step}; letting steps through (skipping cannot fix a spike the "
+                    "weights cause)",
+                    stacklevel=2,
+                )
+            self.num_skipped += int(self._skip)
         if self.rerun and spike_now:
             self._rerun_verdicts[step] = self._rerun_step(trainer, pl_module)
         self._poll_due = spike_now or step % self._every(trainer) == 0
