@@ -3,7 +3,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= test
+EXTRAS ?= test,report,reproduce,dashboard,minilm,benchmark
 STAMP := $(VENV)/.installed
 
 export WANDB_MODE ?= offline
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/perturb_and_predict.py
+	$(BIN)/spikeguard demo --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile

@@ -11,7 +11,11 @@ import spikeguard
 #: Modules that provide ``add_parser(subparsers) -> argparse.ArgumentParser`` and set
 #: ``func=<callable(args) -> int>`` on it. Imported lazily so that ``--help`` stays fast.
 SUBCOMMANDS: dict[str, str] = {
+    "fit": "spikeguard.recipes.cli",
+    "demo": "spikeguard.demo",
     "reproduce": "spikeguard.reproduce.cli",
+    "dashboard": "spikeguard.dashboard",
+    "report": "spikeguard.report.cli",
 }
 
 
@@ -28,8 +32,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["fit"]:  # LightningCLI parses its own arguments (and --help)
+        from spikeguard.recipes.cli import fit
+
+        return fit(argv[1:])
     parser = _parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SpikeEvent", "EventLog", "read_events", "KINDS", "OUTCOMES"]
+__all__ = ["SpikeEvent", "EventLog", "read_events", "read_jsonl", "KINDS", "OUTCOMES"]
 
 #: What an event is about. ``loss`` / ``grad_norm``: the loss or the global gradient norm
 #: left its band; ``nonfinite``: an inf or NaN in the loss, the gradients or an operator's
@@ -130,14 +131,14 @@ class EventLog:
         )
 
 
-def read_events(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The events of a log, spike records merged with their outcome records, by id.
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each record of an append-only JSON-lines file.
 
-    A truncated last line (a crash mid-write) is ignored; any other malformed line is
-    an error that names the line.
+    Every record ends with a newline, so only the piece after the last newline can have
+    been cut off mid-write (a crash), whatever character it stops at: it is skipped. Any
+    other line that is not a JSON object is a ``ValueError`` naming ``file:line``.
     """
     path = Path(path)
-    events: dict[int, dict[str, Any]] = {}
     lines = path.read_text(encoding="utf-8").split("\n")
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -145,13 +146,22 @@ def read_events(path: str | os.PathLike) -> list[dict[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            # Every record ends with a newline, so only a line without one (the piece after
-            # the last newline) can be cut off mid-write, whatever character it stops at.
             if number == len(lines):
-                break
+                return
             raise ValueError(f"{path}:{number}: not a JSON object ({err.msg})") from None
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{number}: not a JSON object (got {type(record).__name__})")
+        yield number, record
+
+
+def read_events(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The events of a log, spike records merged with their outcome records, by id.
+
+    A truncated last line (a crash mid-write) is ignored; any other malformed line is
+    an error that names the line.
+    """
+    events: dict[int, dict[str, Any]] = {}
+    for number, record in read_jsonl(path):
         kind = record.pop("type", None)
         if kind == "spike":
             events[record["id"]] = record

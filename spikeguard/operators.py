@@ -211,10 +211,17 @@ class OperatorChain(Sequence[Operator]):
         return f"OperatorChain(N={len(self)}, {shown})"
 
     def select(self, patterns: str | Sequence[str]) -> list[str]:
-        """Names of the operators matched by exact names or globs (see :meth:`from_patterns`)."""
+        """Names of the operators matched by exact names or globs (see :meth:`from_patterns`).
+
+        ``"*"`` alone means every operator (a glob ``*`` would stop at the first dot,
+        and operator names are dotted).
+        """
         patterns = [patterns] if isinstance(patterns, str) else list(patterns)
         out: list[str] = []
         for pattern in patterns:
+            if pattern == "*":
+                out.extend(n for n in self.names if n not in out)
+                continue
             compiled = _compile(pattern, regex=False)
             hits = [n for n in self.names if n == pattern or compiled.fullmatch(n)]
             if not hits:

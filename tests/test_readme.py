@@ -18,7 +18,8 @@ def test_readme_python_block_runs(index, capsys):
 
 
 def test_readme_chain_example_prints_what_it_says(capsys):
-    exec(compile(BLOCKS[0], "README.md block 0", "exec"), {"__name__": "__readme__"})
+    block = next(b for b in BLOCKS if "OperatorChain.from_model" in b and "from_patterns" in b)
+    exec(compile(block, "README.md chain example", "exec"), {"__name__": "__readme__"})
     out = capsys.readouterr().out
     assert "5 ['transformer.embed', 'transformer.h.0', 'transformer.h.1', 'transformer.ln_f', 'lm_head']" in out
     assert "['transformer.h.0', 'transformer.h.1']" in out
@@ -28,6 +29,18 @@ def test_readme_chain_example_prints_what_it_says(capsys):
 def test_example_script_runs(script, capsys):
     runpy.run_path(str(script), run_name="__main__")
     assert capsys.readouterr().out
+
+
+def test_readme_probe_example_prints_observed_and_predicted(capsys):
+    block = next(b for b in BLOCKS if "AmplificationProbe(model" in b)
+    exec(compile(block, "README.md probe example", "exec"), {"__name__": "__readme__"})
+    out = capsys.readouterr().out
+    assert "e obs" in out and "d bound" in out and "transformer.h.1" in out and "|G-Ĝ| observed" in out
+
+
+def test_readme_has_no_placeholders():
+    text = (ROOT / "README.md").read_text()
+    assert not re.search(r"\b(RECIPE|RESULT)_[A-Z0-9]+\b|BENCHMARK_TABLE", text)
 
 
 def test_console_script_version():

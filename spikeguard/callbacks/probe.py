@@ -34,24 +34,27 @@ def optimizer_kind(optimizer: torch.optim.Optimizer) -> tuple[str, float]:
 
 
 def effective_lr(optimizer: torch.optim.Optimizer) -> float:
-    """γ for THEORY §3-4. SGD: the learning rate. Adam-family: the mean per-coordinate
-    step ``lr / (sqrt(v̂) + ε)`` from the optimizer's state (the raw lr before the first step)."""
+    """γ for THEORY §3-4. SGD: the learning rate. Adam-family: the step size along the
+    current direction, ``lr · Σ m_i² / (sqrt(v̂_i) + ε) / Σ m_i²`` with the optimizer's
+    first and second moments (m as the gradient's proxy), so that γ|∇|² is Adam's
+    first-order loss decrease; the raw lr before the first step."""
     group = optimizer.param_groups[0]
     lr = float(group["lr"])
     if "betas" not in group:
         return lr
-    total, count = 0.0, 0
+    num = torch.zeros((), dtype=torch.float64)
+    den = torch.zeros((), dtype=torch.float64)
     for g in optimizer.param_groups:
         beta2, eps = g["betas"][1], g["eps"]
         for p in g["params"]:
             state = optimizer.state.get(p, {})
             if "exp_avg_sq" not in state:
                 continue
-            step = float(state["step"])
-            v_hat = state["exp_avg_sq"] / (1 - beta2**step)
-            total += float((1.0 / (v_hat.sqrt() + eps)).sum())
-            count += v_hat.numel()
-    return lr * total / count if count else lr
+            v_hat = state["exp_avg_sq"].double() / (1 - beta2 ** float(state["step"]))
+            m2 = state["exp_avg"].double() ** 2
+            num += (m2 / (v_hat.sqrt() + eps)).sum().cpu()
+            den += m2.sum().cpu()
+    return lr * float(num / den) if den > 0 else lr
 
 
 class AmplificationProbe(CallbackBase):

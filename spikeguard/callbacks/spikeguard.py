@@ -359,7 +359,8 @@ class SpikeGuard(CallbackBase):
         if self._poll_due:
             self._poll_due = False
             self._poll(trainer, pl_module)
-        pl_module.log("spikes", float(len(self.events)), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+            # In the progress bar (which keeps the latest value between polls).
+            pl_module.log("spikes", float(len(self.events)), prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     # -- reading the detector ----------------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""Recipe building blocks: the data modules (and models) the YAML recipes combine."""
+"""Recipe building blocks: the LightningModules and data module the YAML recipes combine."""
 
+from spikeguard.recipes.modules import CausalLMModule, LMModule, MaskedLMModule
 from spikeguard.recipes.data import (
     IGNORE_INDEX,
     TASKS,
@@ -11,6 +12,9 @@ from spikeguard.recipes.data import (
 )
 
 __all__ = [
+    "LMModule",
+    "CausalLMModule",
+    "MaskedLMModule",
     "TextDataModule",
     "ByteTokenizer",
     "load_text",

