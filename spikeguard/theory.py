@@ -77,6 +77,22 @@ def _check_m(m: float, where: str) -> float:
     return m
 
 
+def _smoothness(
+    n: int, jac_smoothness: Vector | float, param_jac_smoothness: Vector | float, grad_msg_norms: Vector | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """H_i, H'_i and |g_i| as vectors; |g_i| is needed only when an H term is non-zero."""
+    H = _vec("jac_smoothness", jac_smoothness, n)
+    Hp = _vec("param_jac_smoothness", param_jac_smoothness, n)
+    if grad_msg_norms is None:
+        if (H > 0).any() or (Hp > 0).any():
+            raise ValueError(
+                "grad_msg_norms (|g_i|) is required when jac_smoothness or "
+                "param_jac_smoothness is non-zero"
+            )
+        return H, Hp, torch.zeros(n, dtype=torch.float64)
+    return H, Hp, _vec("grad_msg_norms", grad_msg_norms, n)
+
+
 def _segment_product(gains: torch.Tensor, a: int, b: int) -> float:
     """P(a, b) = Π_{j=a..b} L_j over 0-based inclusive indices; empty product 1."""
     if b < a:
@@ -138,17 +154,7 @@ def propagate(
     L_h = _scalar("loss_curvature", loss_curvature)
     delta = _vec("forward", forward, n)
     eps = _vec("backward", backward, n)
-    H = _vec("jac_smoothness", jac_smoothness, n)
-    Hp = _vec("param_jac_smoothness", param_jac_smoothness, n)
-    if grad_msg_norms is None:
-        if (H > 0).any() or (Hp > 0).any():
-            raise ValueError(
-                "grad_msg_norms (|g_i|) is required when jac_smoothness or "
-                "param_jac_smoothness is non-zero"
-            )
-        g = torch.zeros(n, dtype=torch.float64)
-    else:
-        g = _vec("grad_msg_norms", grad_msg_norms, n)
+    H, Hp, g = _smoothness(n, jac_smoothness, param_jac_smoothness, grad_msg_norms)
 
     # Forward: e_i ≤ L_i e_{i-1} + |δ_i|, with e_0 = 0 (the input is exact).
     e = torch.zeros(n, dtype=torch.float64)
@@ -209,14 +215,7 @@ def amplification(
     n = L.numel()
     M = _vec("param_gains", param_gains, n)
     L_h = _scalar("loss_curvature", loss_curvature)
-    H = _vec("jac_smoothness", jac_smoothness, n)
-    Hp = _vec("param_jac_smoothness", param_jac_smoothness, n)
-    if grad_msg_norms is None and ((H > 0).any() or (Hp > 0).any()):
-        raise ValueError(
-            "grad_msg_norms (|g_i|) is required when jac_smoothness or "
-            "param_jac_smoothness is non-zero"
-        )
-    g = torch.zeros(n, dtype=torch.float64) if grad_msg_norms is None else _vec("grad_msg_norms", grad_msg_norms, n)
+    H, Hp, g = _smoothness(n, jac_smoothness, param_jac_smoothness, grad_msg_norms)
 
     # A^b_k = Σ_{i≤k} M_i P(i+1,k): the recursion A^b_k = L_k A^b_{k-1} + M_k.
     A_b = torch.zeros(n, dtype=torch.float64)

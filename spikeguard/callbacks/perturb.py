@@ -84,13 +84,9 @@ class Perturb(CallbackBase):
         if stage != "fit" or self.injector is not None:
             return
         chain = resolve_chain("Perturb", resolve_model(pl_module, self.model_attr), self.chain)
-        base = Injector.from_perturbations(chain, self.perturbations, seed=self.seed) if self.perturbations else None
-        forward = dict(base.specs[FORWARD]) if base else {}
-        backward = dict(base.specs[BACKWARD]) if base else {}
-        for specs, extra in ((forward, self.forward), (backward, self.backward)):
-            for key, value in extra.items():
-                specs[key] = value
-        self.injector = Injector(chain, forward=forward, backward=backward, seed=self.seed)
+        self.injector = Injector(
+            chain, forward=self.forward, backward=self.backward, perturbations=self.perturbations, seed=self.seed
+        )
         if self.transient:
             state = shared(trainer)
             self.injector.gate = lambda: not state.rerun_active

@@ -159,12 +159,9 @@ class AmplificationProbe(CallbackBase):
             return
         model = resolve_model(pl_module, self.model_attr)
         chain = resolve_chain("AmplificationProbe", model, self.chain)
-        base = Injector.from_perturbations(chain, self.perturbations, seed=self.seed) if self.perturbations else None
-        forward = dict(base.specs["forward"]) if base else {}
-        backward = dict(base.specs["backward"]) if base else {}
-        forward.update(self.forward)
-        backward.update(self.backward)
-        injector = Injector(chain, forward=forward, backward=backward, seed=self.seed)
+        injector = Injector(
+            chain, forward=self.forward, backward=self.backward, perturbations=self.perturbations, seed=self.seed
+        )
         self.core = ProbeCore(
             model, chain, self._resolve_loss_fn(pl_module, model), injector,
             power_iterations=self.power_iterations, configs=self.configs, linearize=self.linearize, seed=self.seed,

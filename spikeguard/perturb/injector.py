@@ -141,6 +141,8 @@ class Injector:
         chain: the operators that may be perturbed.
         forward: ``{operator name or glob: noise or (noise, schedule)}`` for δ_i.
         backward: the same for ε_i, the gradient with respect to the operator's output.
+        perturbations: the same as a list of :class:`Perturbation` (the YAML form);
+            combined with ``forward`` and ``backward``.
         seed: the perturbations are a function of (seed, step, operator, direction,
             forward-call index within the step) only: bitwise reproducible, independent
             of and never touching the global RNG.
@@ -170,6 +172,7 @@ class Injector:
         forward: Mapping[str, SpecLike] | None = None,
         backward: Mapping[str, SpecLike] | None = None,
         seed: int = 0,
+        perturbations: Sequence[Perturbation] | None = None,
     ):
         if not isinstance(chain, OperatorChain):
             raise TypeError(f"Injector.chain must be an OperatorChain, got {type(chain).__name__}")
@@ -181,6 +184,15 @@ class Injector:
             FORWARD: _normalise_specs(chain, forward, FORWARD),
             BACKWARD: _normalise_specs(chain, backward, BACKWARD),
         }
+        for i, p in enumerate(perturbations or ()):
+            if not isinstance(p, Perturbation):
+                raise TypeError(f"Injector.perturbations[{i}] must be a Perturbation, got {p!r}")
+            for name in chain.select(p.operators):
+                if name in self.specs[p.direction]:
+                    raise ValueError(
+                        f"Injector.perturbations[{i}]: operator {name!r} already has a {p.direction} perturbation"
+                    )
+                self.specs[p.direction][name] = (p.noise, p.schedule)
         if not self.specs[FORWARD] and not self.specs[BACKWARD]:
             raise ValueError("Injector needs at least one forward or backward perturbation, got none")
         self.step = 0
@@ -197,21 +209,6 @@ class Injector:
         self.gate: Callable[[], bool] | None = None
         self._handles: list[Any] = []
         self._generators: dict[torch.device, torch.Generator] = {}
-
-    @classmethod
-    def from_perturbations(
-        cls, chain: OperatorChain, perturbations: Sequence[Perturbation], seed: int = 0
-    ) -> Injector:
-        """An Injector from a list of :class:`Perturbation` (the recipes' YAML form)."""
-        specs: dict[str, dict[str, Spec]] = {FORWARD: {}, BACKWARD: {}}
-        for i, p in enumerate(perturbations):
-            if not isinstance(p, Perturbation):
-                raise TypeError(f"perturbations[{i}] must be a Perturbation, got {p!r}")
-            for name in [p.operators] if isinstance(p.operators, str) else p.operators:
-                if name in specs[p.direction]:
-                    raise ValueError(f"perturbations[{i}]: {p.direction} key {name!r} is given twice")
-                specs[p.direction][name] = (p.noise, p.schedule)
-        return cls(chain, forward=specs[FORWARD], backward=specs[BACKWARD], seed=seed)
 
     # -- lifecycle -------------------------------------------------------------------
 

@@ -448,3 +448,21 @@ def test_bad_runtime_calls():
         injector.set_step(-1)
     with pytest.raises(ValueError, match=r"direction must be one of \['backward', 'forward'\], got 'up'"):
         injector.applied_norms("up")
+
+
+def test_perturbations_list_combines_with_dicts_and_refuses_doubles():
+    from spikeguard.perturb import Perturbation
+
+    chain = OperatorChain.from_model(linear_chain())
+    injector = Injector(
+        chain, forward={"0": Gaussian(1.0)},
+        perturbations=[Perturbation("1", Uniform(0.1)), Perturbation("*", Gaussian(0.1), direction="backward")],
+    )
+    assert set(injector.specs["forward"]) == {"0", "1"}
+    assert set(injector.specs["backward"]) == {"0", "1", "2"}  # "*" alone: every operator
+    with pytest.raises(ValueError, match=r"Injector.perturbations\[0\]: operator '0' already has a forward perturbation"):
+        Injector(chain, forward={"0": Gaussian(1.0)}, perturbations=[Perturbation("0", Gaussian(2.0))])
+    with pytest.raises(TypeError, match=r"Injector.perturbations\[0\] must be a Perturbation, got 3"):
+        Injector(chain, forward={"0": Gaussian(1.0)}, perturbations=[3])
+    with pytest.raises(ValueError, match=r"Perturbation.direction must be one of \['backward', 'forward'\], got 'up'"):
+        Perturbation("0", Gaussian(1.0), direction="up")
