@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
+from collections.abc import Sequence
 
 import torch
 
@@ -42,3 +44,28 @@ def measurement(owner: object):
         yield
     finally:
         _MEASURING.reset(token)
+
+
+# -- probe-time reductions (they sync with the host; never on a per-step path) -------------
+
+
+def norm64(tensors: Sequence[torch.Tensor]) -> float:
+    """|(t_1, ..., t_k)| accumulated in float64, as a Python float."""
+    if not tensors:
+        return 0.0
+    with torch.no_grad():
+        return math.sqrt(sum(float((t.detach().double() ** 2).sum()) for t in tensors))
+
+
+def diff_norm64(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """|a - b| with the difference itself taken in float64 (no rounding in the subtraction)."""
+    with torch.no_grad():
+        return norm64([x.detach().double() - y.detach().double() for x, y in zip(a, b)])
+
+
+def nan_ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a / b elementwise, nan where b is not positive."""
+    out = torch.full_like(a, math.nan)
+    ok = b > 0
+    out[ok] = a[ok] / b[ok]
+    return out

@@ -84,3 +84,27 @@ def trainer(package="pytorch_lightning", **kwargs):
     )
     settings.update(kwargs)
     return pl.Trainer(**settings)
+
+
+def training_state(model, optimizer, grads=True):
+    """Clones of the parameters, (optionally) their ``.grad`` and the optimizer's state."""
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grad = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()} if grads else None
+    state = {
+        k: {kk: vv.clone() if torch.is_tensor(vv) else vv for kk, vv in v.items()}
+        for k, v in optimizer.state_dict()["state"].items()
+    }
+    return params, grad, state
+
+
+def assert_same_training_state(a, b):
+    """Two :func:`training_state` snapshots are bitwise equal."""
+    for name in a[0]:
+        assert torch.equal(a[0][name], b[0][name]), name
+    if a[1] is not None:
+        for name in a[1]:
+            assert (a[1][name] is None and b[1][name] is None) or torch.equal(a[1][name], b[1][name]), name
+    assert a[2].keys() == b[2].keys()
+    for key in a[2]:
+        for k, v in a[2][key].items():
+            assert torch.equal(v, b[2][key][k]) if torch.is_tensor(v) else v == b[2][key][k], (key, k)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -341,19 +343,14 @@ class SpikeGuard(CallbackBase):
         relative = float(diff.sqrt() / ref.sqrt().clamp_min(1e-300))
         return "reproducible" if relative <= self.rerun_tolerance else "transient"
 
-    def _quiet_stats(self):
+    @contextlib.contextmanager
+    def _quiet_stats(self) -> Iterator[None]:
         """Detach the statistics' hooks for a block (their gradient hooks included)."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def quiet():
-            self.stats.detach()
-            try:
-                yield
-            finally:
-                self.stats.attach()
-
-        return quiet()
+        self.stats.detach()
+        try:
+            yield
+        finally:
+            self.stats.attach()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._poll_due:

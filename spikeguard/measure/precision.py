@@ -57,7 +57,8 @@ import torch
 from torch import nn
 
 from spikeguard import theory
-from spikeguard.measure.probe import AmplificationProbe, Constants
+from spikeguard._tensor import diff_norm64, nan_ratio, norm64
+from spikeguard.measure.probe import AmplificationProbe, Constants, _fmt
 from spikeguard.operators import OperatorChain, hidden_tensor, replace_hidden_tensor
 from spikeguard.perturb import Injector, Rounding
 from spikeguard.perturb.noise import FORMATS
@@ -244,30 +245,7 @@ def _pct(x: Any) -> str:
     return f"{100 * float(x):>7.1f}%"
 
 
-def _fmt(x: Any, width: int) -> str:
-    return f"{float(x):>{width}.3g}"
-
-
 # -- helpers ---------------------------------------------------------------------------
-
-
-def _norm64(tensors: Sequence[torch.Tensor]) -> float:
-    """|(t_1, ..., t_k)| accumulated in float64, as a Python float (probe-time host sync)."""
-    with torch.no_grad():
-        return math.sqrt(sum(float((t.detach().double() ** 2).sum()) for t in tensors))
-
-
-def _diff64(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    """|a - b| with the difference itself taken in float64 (no rounding in the subtraction)."""
-    with torch.no_grad():
-        return _norm64([x.detach().double() - y.detach().double() for x, y in zip(a, b)])
-
-
-def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    out = torch.full_like(a, math.nan)
-    ok = b > 0
-    out[ok] = a[ok] / b[ok]
-    return out
 
 
 def _grads(output: torch.Tensor, inputs: list[torch.Tensor], message: torch.Tensor) -> list[torch.Tensor]:
@@ -571,8 +549,8 @@ class _Probe:
         G_low = torch.autograd.grad(loss_low, self.params, allow_unused=True)
         G_low = [torch.zeros_like(p) if r is None else r for r, p in zip(G_low, self.params)]
         del loss_low
-        observed = _diff64(G_low, G)
-        grad_norm = _norm64(G)
+        observed = diff_norm64(G_low, G)
+        grad_norm = norm64(G)
 
         # -- local errors, operator by operator
         delta = torch.zeros(n, dtype=torch.float64)
@@ -588,14 +566,14 @@ class _Probe:
             inputs = ([leaf] if leaf is not None else []) + op_params
             ref = self._recall(op.module, call, leaf, low=False)
             low = self._recall(op.module, call, leaf, low=True)
-            delta[i] = _diff64([low], [ref])
+            delta[i] = diff_norm64([low], [ref])
             r_ref = _grads(ref, inputs, g[i])
             r_low = _grads(low, inputs, g[i])
             k = 1 if leaf is not None else 0
             if leaf is not None:
-                eps[i - 1] = _diff64([r_low[0]], [r_ref[0]])
-            kappa[i] = _diff64(r_low[k:], r_ref[k:])
-            own[i] = _norm64(r_ref[k:])
+                eps[i - 1] = diff_norm64([r_low[0]], [r_ref[0]])
+            kappa[i] = diff_norm64(r_low[k:], r_ref[k:])
+            own[i] = norm64(r_ref[k:])
             if i > 0 and call.hidden is None:
                 self._note(
                     f"operator {op.name!r} has no floating-point input to re-run it on: "
@@ -627,8 +605,8 @@ class _Probe:
         source = torch.cat([amp.forward * delta + kappa, torch.zeros(1, dtype=torch.float64)])
         source[1:] += amp.backward * eps  # ε_i comes from operator i+1's backward, ε_N from the head
 
-        z_norm = torch.tensor([_norm64([t]) for t in z], dtype=torch.float64)
-        g_norm = torch.tensor([_norm64([t]) for t in g], dtype=torch.float64)
+        z_norm = torch.tensor([norm64([t]) for t in z], dtype=torch.float64)
+        g_norm = torch.tensor([norm64([t]) for t in g], dtype=torch.float64)
         if observed == 0.0:
             self._note(
                 f"the autocast pass gave bitwise the fp32 gradient: did autocast on {self.device_type!r} "
@@ -637,8 +615,8 @@ class _Probe:
         return PrecisionResult(
             names=tuple(self.chain.names), dtype=self.dtype, unit_roundoff=float(FORMATS[self.fmt][2]),
             local_forward=delta, local_backward=eps, local_param=kappa,
-            relative_forward=_ratio(delta, z_norm), relative_backward=_ratio(eps, g_norm),
-            relative_param=_ratio(kappa, own),
+            relative_forward=nan_ratio(delta, z_norm), relative_backward=nan_ratio(eps, g_norm),
+            relative_param=nan_ratio(kappa, own),
             constants=constants, predicted=predicted, contribution=contribution, source=source,
             observed_total=observed, grad_norm=grad_norm, notes=tuple(self.notes),
         )
@@ -661,7 +639,7 @@ class _Probe:
                 loss = self._loss(low=low)
             (r,) = torch.autograd.grad(loss, leaf, allow_unused=True)
             grads.append(torch.zeros_like(leaf) if r is None else r)
-        return _diff64([grads[1]], [grads[0]])
+        return diff_norm64([grads[1]], [grads[0]])
 
     def _note_outside(self, op) -> None:
         inside = {id(m) for m in op.module.modules()}

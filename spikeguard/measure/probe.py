@@ -39,7 +39,7 @@ from torch import nn
 from torch.func import functional_call
 
 from spikeguard import theory
-from spikeguard._tensor import measurement
+from spikeguard._tensor import diff_norm64, measurement, nan_ratio, norm64
 from spikeguard.operators import OperatorChain, hidden_tensor, replace_hidden_tensor
 from spikeguard.perturb.injector import BACKWARD, FORWARD, Injector
 
@@ -84,7 +84,7 @@ class Observed:
     @property
     def tightness(self) -> torch.Tensor:
         """Observed d_i over the bound's d_i per operator (nan where the bound is 0)."""
-        return _ratio(self.d, self.bound.d)
+        return nan_ratio(self.d, self.bound.d)
 
     @property
     def total_tightness(self) -> float:
@@ -206,13 +206,6 @@ def _fmt(x: Any, width: int) -> str:
     return f"{float(x):>{width}.3g}"
 
 
-def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    out = torch.full_like(a, math.nan)
-    ok = b > 0
-    out[ok] = a[ok] / b[ok]
-    return out
-
-
 # -- internals -------------------------------------------------------------------------
 
 
@@ -252,20 +245,8 @@ def _zeros_for(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
 
 
-def _flat_norm(tensors: Sequence[torch.Tensor]) -> float:
-    """|(t_1, ..., t_k)| in float64, as a Python float (a host sync: probe-time only)."""
-    if not tensors:
-        return 0.0
-    with torch.no_grad():
-        return float(torch.sqrt(sum((t.detach().double() ** 2).sum() for t in tensors)))
-
-
-def _diff_norm(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    return _flat_norm([x - y for x, y in zip(a, b)])
-
-
 def _unit(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
-    n = _flat_norm(tensors)
+    n = norm64(tensors)
     return ([t / n for t in tensors] if n > 0 else tensors), n
 
 
@@ -744,7 +725,7 @@ class AmplificationProbe:
         clean = self._graph_forward(batch, step, forward=False)
         c_bw = self._backward(clean, eps=False)
         G = self._full_grads(c_bw)
-        g_norm = _flat_norm(G)
+        g_norm = norm64(G)
         zeros = torch.zeros(n, dtype=torch.float64)
 
         def applied(direction: str) -> torch.Tensor:
@@ -768,8 +749,8 @@ class AmplificationProbe:
                 backs["both"] = (pert, bw2, delta, applied(BACKWARD))
 
         # -- constants at the clean point
-        grad_msg = torch.tensor([_flat_norm([m]) for m in c_bw.msgs], dtype=torch.float64)
-        out_norms = torch.tensor([_flat_norm([z]) for z in clean.outputs], dtype=torch.float64)
+        grad_msg = torch.tensor([norm64([m]) for m in c_bw.msgs], dtype=torch.float64)
+        out_norms = torch.tensor([norm64([z]) for z in clean.outputs], dtype=torch.float64)
         iterations = self.first_power_iterations if self._v is None and self._V is None else self.power_iterations
         L, it_l, conv_l = self._power_gains(batch, clean, iterations)
         M, it_m, conv_m = self._power_param_gains(batch, clean, iterations)
@@ -779,7 +760,7 @@ class AmplificationProbe:
         e_fwd = zeros
         if pert is not None:
             e_fwd = torch.tensor(
-                [_flat_norm([a - b]) for a, b in zip(pert.outputs, clean.outputs)], dtype=torch.float64
+                [norm64([a - b]) for a, b in zip(pert.outputs, clean.outputs)], dtype=torch.float64
             )
             H, Hp = self._smoothness(pert, c_bw, e_fwd)
         constants = Constants(
@@ -798,11 +779,11 @@ class AmplificationProbe:
         for config in self.configs:
             p, bw, delta, eps = backs[config]
             e = e_fwd if config != "backward" else zeros
-            b = torch.tensor([_flat_norm([x - y]) for x, y in zip(bw.msgs, c_bw.msgs)], dtype=torch.float64)
+            b = torch.tensor([norm64([x - y]) for x, y in zip(bw.msgs, c_bw.msgs)], dtype=torch.float64)
             d = torch.tensor(
-                [_diff_norm(x, y) for x, y in zip(bw.op_grads, c_bw.op_grads)], dtype=torch.float64
+                [diff_norm64(x, y) for x, y in zip(bw.op_grads, c_bw.op_grads)], dtype=torch.float64
             )
-            total = _diff_norm(self._full_grads(bw), G)
+            total = diff_norm64(self._full_grads(bw), G)
             bound = theory.propagate(forward=delta, backward=eps, **kw)
             observed[config] = Observed(
                 e=e, b=b, d=d, total=total, grad_norm=g_norm,
@@ -834,8 +815,8 @@ class AmplificationProbe:
             if e_in <= 0:
                 continue
             k = slots[i]
-            H[i] = _flat_norm([res[k] - clean_bw.input_grads[i]]) / e_in
-            Hp[i] = _diff_norm(res[k + 1 : k + 1 + len(pert.aliases[i])], clean_bw.op_grads[i]) / e_in
+            H[i] = norm64([res[k] - clean_bw.input_grads[i]]) / e_in
+            Hp[i] = diff_norm64(res[k + 1 : k + 1 + len(pert.aliases[i])], clean_bw.op_grads[i]) / e_in
         return H, Hp
 
     def _linearize(self, batch: Any, step: int) -> dict[str, Any] | None:
@@ -901,7 +882,7 @@ class AmplificationProbe:
         if config in ("forward", "both"):
             if lin is None:
                 return None
-            e = torch.tensor([_flat_norm([t]) for t in lin["dz"]], dtype=torch.float64)
+            e = torch.tensor([norm64([t]) for t in lin["dz"]], dtype=torch.float64)
             for i in range(n):
                 if lin["dmsg"][i] is not None:
                     parts_msg[i].append(lin["dmsg"][i])
@@ -913,11 +894,11 @@ class AmplificationProbe:
             for i in range(n):
                 parts_msg[i].append(bw.msgs[i] - clean_bw.msgs[i])
                 parts_grad[i].append([x - y for x, y in zip(bw.op_grads[i], clean_bw.op_grads[i])])
-        b = torch.tensor([_flat_norm([sum(ps)]) if ps else 0.0 for ps in parts_msg], dtype=torch.float64)
+        b = torch.tensor([norm64([sum(ps)]) if ps else 0.0 for ps in parts_msg], dtype=torch.float64)
         per_op = [[sum(t) for t in zip(*ps)] if ps else [] for ps in parts_grad]
-        d = torch.tensor([_flat_norm(g) for g in per_op], dtype=torch.float64)
+        d = torch.tensor([norm64(g) for g in per_op], dtype=torch.float64)
         total: dict[int, torch.Tensor] = {}
         for params, grads in zip(self._alias_params, per_op):
             for p, g in zip(params, grads):
                 total[id(p)] = total[id(p)] + g if id(p) in total else g
-        return theory.PropagationBound(e=e, b=b, d=d, total=_flat_norm(list(total.values())))
+        return theory.PropagationBound(e=e, b=b, d=d, total=norm64(list(total.values())))

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import tiny_data, tiny_lm, trainer
+from helpers import assert_same_training_state, tiny_data, tiny_lm, trainer, training_state
 
 from spikeguard.callbacks import AmplificationProbe, Perturb, SpikeGuard
 from spikeguard.events import read_events
@@ -81,23 +81,6 @@ def test_no_perturbation_no_event_and_metrics_logged(tmp_path):
     assert steps[:4] == [0, 20, 40, 60]  # read and logged on logging steps only
 
 
-def snapshot(module, optimizer):
-    params = {n: p.detach().clone() for n, p in module.named_parameters()}
-    state = {
-        id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in optimizer.state.items()
-    }
-    return params, state
-
-
-def assert_same(a, b):
-    for name in a[0]:
-        assert torch.equal(a[0][name], b[0][name]), name
-    assert a[1].keys() == b[1].keys()
-    for key in a[1]:
-        for k, v in a[1][key].items():
-            assert torch.equal(v, b[1][key][k]) if torch.is_tensor(v) else v == b[1][key][k]
-
-
 def make_watcher(step):
     from spikeguard.callbacks._base import CallbackBase
 
@@ -106,11 +89,11 @@ def make_watcher(step):
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == step:
-                Watch.before = snapshot(pl_module, trainer.optimizers[0])
+                Watch.before = training_state(pl_module, trainer.optimizers[0], grads=False)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == step + 1:
-                Watch.after = snapshot(pl_module, trainer.optimizers[0])
+                Watch.after = training_state(pl_module, trainer.optimizers[0], grads=False)
 
     return Watch()
 
@@ -121,7 +104,7 @@ def test_skip_is_a_true_skip(tmp_path):
     watch = make_watcher(BURST_STEP)
     run(tmp_path, [guard, Perturb(perturbations=[perturbation]), watch], max_steps=BURST_STEP + 5)
     assert guard.num_skipped == 1 and at_burst(guard).action == "skip"
-    assert_same(watch.before, watch.after)  # no parameter change, Adam's state and step untouched
+    assert_same_training_state(watch.before, watch.after)  # no parameter change, Adam's state and step untouched
     # The step before the burst did update: a skip is the exception, not the rule.
     watch2 = make_watcher(BURST_STEP - 1)
     guard2 = SpikeGuard(action="skip", log_every_n_steps=20)
@@ -159,7 +142,7 @@ def test_skip_under_gradscaler_keeps_the_scaler_consistent(tmp_path):
     watch = make_watcher(BURST_STEP)
     run(tmp_path, [guard, Perturb(perturbations=[perturbation]), watch], max_steps=BURST_STEP + 8, plugins=[plugin])
     assert guard.num_skipped == 1
-    assert_same(watch.before, watch.after)
+    assert_same_training_state(watch.before, watch.after)
     # The scaler kept stepping and growing after the skip (no "unscale_() has already been
     # called" error on the next step), its scale a power of two that grew every 40 steps,
     # its per-optimizer state reset for the next iteration as after any step.

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import tiny_gpt2
+from helpers import assert_same_training_state, tiny_gpt2, training_state
 from torch import nn
 
 from spikeguard import theory
@@ -277,22 +277,14 @@ def test_probe_with_dropout_leaves_everything_bitwise_unchanged_and_masks_match(
         gpt2_loss(model, ids).backward()
         opt.step()
     gpt2_loss(model, ids).backward()  # leave a .grad in place
-    before_params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    before_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    before_state = {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in opt.state_dict()["state"].items()}
+    before = training_state(model, opt)
     torch.manual_seed(123)
     rng = torch.random.get_rng_state()
 
     result = precision_probe(model, chain, gpt2_loss, ids)
 
     assert torch.equal(torch.random.get_rng_state(), rng)
-    for n, p in model.named_parameters():
-        assert torch.equal(p, before_params[n]), n
-        assert torch.equal(p.grad, before_grads[n]), n
-    after_state = opt.state_dict()["state"]
-    for k, v in before_state.items():
-        for kk, vv in v.items():
-            assert torch.equal(after_state[k][kk], vv)
+    assert_same_training_state(before, training_state(model, opt))
     for _, module in model.named_modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import tiny_gpt2
+from helpers import assert_same_training_state, tiny_gpt2, training_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -135,9 +135,7 @@ def test_probe_leaves_params_grads_optimizer_and_rng_bitwise_unchanged(ids):
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
     model(input_ids=ids, labels=ids).loss.backward()  # leave a .grad in place
-    before_params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    before_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    before_state = {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in opt.state_dict()["state"].items()}
+    before = training_state(model, opt)
     torch.manual_seed(123)
     rng = torch.random.get_rng_state()
 
@@ -146,13 +144,7 @@ def test_probe_leaves_params_grads_optimizer_and_rng_bitwise_unchanged(ids):
     AmplificationProbe(model, chain, lambda m, b: m(input_ids=b, labels=b).loss, injector).run(ids)
 
     assert torch.equal(torch.random.get_rng_state(), rng)
-    for n, p in model.named_parameters():
-        assert torch.equal(p, before_params[n]), n
-        assert torch.equal(p.grad, before_grads[n]), n
-    after_state = opt.state_dict()["state"]
-    for k, v in before_state.items():
-        for kk, vv in v.items():
-            assert torch.equal(after_state[k][kk], vv)
+    assert_same_training_state(before, training_state(model, opt))
     assert not injector.attached
     assert all(len(op.module._forward_hooks) == 0 for op in chain)
 
