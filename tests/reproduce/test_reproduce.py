@@ -15,6 +15,7 @@ from spikeguard.cli import main
 from spikeguard.measure import hessian_top_eigenvalue
 from spikeguard.perturb import Always, Injector, Scale, Window
 from spikeguard.reproduce import experiments as ex
+from spikeguard.reproduce import spikes as sp
 from spikeguard.reproduce.cli import parse_only
 from spikeguard.reproduce.problems import INSTALL_HINT, DTYPE, LogisticChain, Offset, breast_cancer, train
 
@@ -145,17 +146,17 @@ def test_training_is_deterministic(data):
 
 def test_floor_bias_is_constant_in_w(bench):
     problem = bench.problem
-    offset = Injector(problem.chain, backward={ex.FLOOR_OP: (Offset(bench.settings.floor_offset), Always())})
+    offset = Injector(problem.chain, backward={sp.FLOOR_OP: (Offset(bench.settings.floor_offset), Always())})
     w_star = problem.solve()[0]
-    at = lambda w: ex._perturbed_gradient(problem, offset, w, 0) - problem.gradient(w)  # noqa: E731
+    at = lambda w: sp._perturbed_gradient(problem, offset, w, 0) - problem.gradient(w)  # noqa: E731
     assert torch.allclose(at(w_star), at(bench.w_floor), rtol=1e-10, atol=1e-15)
     assert float(problem.gradient(bench.w_floor).norm()) == pytest.approx(bench.floor_bias, rel=1e-9)
 
 
 def test_probe_measures_the_relative_bias_and_update_sharpness_scales_by_1_minus_m(bench):
-    assert ex._measured_m(bench, 0.5) == pytest.approx(0.5, rel=1e-9)
+    assert sp._measured_m(bench, 0.5) == pytest.approx(0.5, rel=1e-9)
     problem = bench.problem
-    scaled = Injector(problem.chain, backward={ex.BIAS_OP: (Scale(0.5), Window(0))})
+    scaled = Injector(problem.chain, backward={sp.BIAS_OP: (Scale(0.5), Window(0))})
     assert ex.update_sharpness(problem, scaled, bench.w_floor, 1) == pytest.approx(0.5 * bench.sharpness, rel=1e-5)
 
 
