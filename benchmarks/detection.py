@@ -60,6 +60,7 @@ Run ``python benchmarks/detection.py [--quick] [--seeds N] [--steps N] [--save]`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -169,8 +170,6 @@ def record_run(seed: int, steps: int, bursts: Sequence[BurstSpec], tokens: torch
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(1.0, (t + 1) / LR_WARMUP))
     injectors = [_injector(chain, b, seed * 1000 + i).attach() for i, b in enumerate(bursts)]
-    for injector in injectors:
-        injector.keep_deltas = True  # one activation each, only at its burst step
     stats = StepStatistics(chain, model).attach()
     gen = torch.Generator().manual_seed(seed)
     rows: list[dict[str, Any]] = []
@@ -182,14 +181,17 @@ def record_run(seed: int, steps: int, bursts: Sequence[BurstSpec], tokens: torch
             starts = torch.randint(0, len(tokens) - SEQ_LEN, (BATCH_SIZE,), generator=gen)
             batch = torch.stack([tokens[s : s + SEQ_LEN] for s in starts.tolist()])  # (B, T)
             stats.reset()
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
+            with contextlib.ExitStack() as stack:
+                # The δ itself, one activation each, only at its burst step.
+                records = [stack.enter_context(inj.recording(deltas=b.step == step)) for inj, b in zip(injectors, bursts)]
+                loss = model(input_ids=batch, labels=batch).loss
+                loss.backward()
             host = stats.collect().to_host()
             host["loss"] = loss.item()
             rows.append(host)
-            for injector, burst in zip(injectors, bursts):
+            for record, burst in zip(records, bursts):
                 if burst.step == step:
-                    delta = injector.deltas.get((burst.operator, "backward" if burst.kind == "backward" else "forward"))
+                    delta = record.delta(burst.operator, "backward" if burst.kind == "backward" else "forward")
                     applied[step] = float(delta.abs().max()) if delta is not None else 0.0
             if math.isfinite(host["grad_norm"]):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)

@@ -53,10 +53,11 @@ STEPS_PER_SAMPLE = 5
 STATS_GOAL = 1.03
 PROBE_GOAL = 4.0
 
-#: Probe method -> phase name. None of these calls another, so their times add up.
+#: Probe method (dotted: ``passes.`` are the decoupled passes) -> phase name. None of
+#: these calls another, so their times add up.
 PHASES = {
-    "_graph_forward": "graph_forwards",
-    "_backward": "chained_backwards",
+    "passes.graph_forward": "graph_forwards",
+    "passes.backward": "chained_backwards",
     "_smoothness": "smoothness_H",
     "_power_gains": "power_iteration_L",
     "_power_param_gains": "power_iteration_M",
@@ -146,7 +147,11 @@ class PhaseTimer:
         self._current: dict[str, float] = {}
         self._calls: dict[str, int] = {}
         for method, phase in PHASES.items():
-            setattr(probe, method, self._wrap(getattr(probe, method), phase))
+            owner, name = probe, method
+            if "." in method:
+                attr, name = method.split(".")
+                owner = getattr(probe, attr)
+            setattr(owner, name, self._wrap(getattr(owner, name), phase))
         run = probe.run
 
         @functools.wraps(run)

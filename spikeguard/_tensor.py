@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -25,25 +25,38 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-# A probe, a sharpness measurement or a re-run runs extra passes through the model. While
-# one does, the training-time observers (statistics) and perturbations (other Injectors)
-# must stay out: the passes are not training steps. The owner is the object measuring.
-_MEASURING: contextvars.ContextVar[object | None] = contextvars.ContextVar("spikeguard_measuring", default=None)
+@dataclass(frozen=True)
+class RngState:
+    """The global RNG state of the CPU and of the CUDA devices in use, to replay passes.
 
+    Dropout draws from the global RNG: a measurement that replays this state before each
+    of its passes gets identical masks in all of them, and restoring it afterwards leaves
+    training's RNG stream as if nothing had run.
+    """
 
-def measuring() -> object | None:
-    """The object running measurement passes right now, or None during training."""
-    return _MEASURING.get()
+    cpu: torch.Tensor
+    cuda: tuple[torch.Tensor, ...] | None
 
+    @classmethod
+    def capture(cls, devices: Sequence[torch.device] = ()) -> RngState:
+        """The state now; CUDA's too when one of ``devices`` is a CUDA device."""
+        cuda = any(torch.device(d).type == "cuda" for d in devices) and torch.cuda.is_available()
+        return cls(cpu=torch.get_rng_state(), cuda=tuple(torch.cuda.get_rng_state_all()) if cuda else None)
 
-@contextlib.contextmanager
-def measurement(owner: object):
-    """Mark the passes inside as measurement passes owned by ``owner``."""
-    token = _MEASURING.set(owner)
-    try:
-        yield
-    finally:
-        _MEASURING.reset(token)
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(list(self.cuda))
+
+    @contextlib.contextmanager
+    def forked(self) -> Iterator[RngState]:
+        """Run the block from this state and put the state back afterwards."""
+        saved = RngState.capture(["cuda"] if self.cuda is not None else [])
+        self.restore()
+        try:
+            yield self
+        finally:
+            saved.restore()
 
 
 # -- probe-time reductions (they sync with the host; never on a per-step path) -------------

@@ -10,7 +10,6 @@ turns the spec into a ``wandb_workspaces`` Workspace (the optional ``dashboard``
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import sys
@@ -18,8 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from spikeguard import keys
-from spikeguard.measure.probe import CONFIGS
+from spikeguard import keys, paths
+from spikeguard.measure.results import CONFIGS
+from spikeguard.rundir import RunError, find_run, load_run
 from spikeguard.wandb import EVENT_TABLE_KEY
 
 __all__ = [
@@ -35,10 +35,9 @@ _INSTALL = "pip install 'spikeguard[dashboard]'"
 _SENTINEL = "\x00"  # stands for an operator name while a key is turned into a pattern
 
 
-def _pattern(*builds: Callable[[str], str], group: bool = False) -> str:
+def _pattern(*builds: Callable[[str], str]) -> str:
     """A regex matching the keys ``build(operator)`` for any operator name (one path segment)."""
-    any_operator = "([^/]+)" if group else "[^/]+"
-    parts = [re.escape(build(_SENTINEL)).replace(re.escape(_SENTINEL), any_operator) for build in builds]
+    parts = [re.escape(build(_SENTINEL)).replace(re.escape(_SENTINEL), "[^/]+") for build in builds]
     return "^" + (parts[0] if len(parts) == 1 else "(?:" + "|".join(parts) + ")") + "$"
 
 
@@ -237,62 +236,49 @@ def build_workspace(spec: dict[str, Any], entity: str, project: str, name: str |
 # -- operator names from a run ---------------------------------------------------------
 
 
-def _from_probes(path: Path) -> tuple[list[str], list[str]] | None:
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a truncated last line
-        if record.get("names"):
-            return list(record["names"]), [c for c in CONFIGS if c in record.get("observed", {})]
-    return None
-
-
-def _from_csv(path: Path) -> tuple[list[str], list[str]] | None:
-    with open(path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), [])
-    found: dict[str, None] = {}
-    patterns = [re.compile(_pattern(lambda op, s=s: keys.operator_metric(op, s), group=True)) for s in keys.OPERATOR_STATS]
-    patterns += [re.compile(_pattern(lambda op, f=f: keys.probe_constant_metric(op, f), group=True)) for f in keys.PROBE_CONSTANTS]
-    for column in header:
-        for pattern in patterns:
-            match = pattern.match(column)
-            if match:
-                found[match.group(1)] = None
-    configs = [c for c in CONFIGS if keys.probe_metric(c, "m") in header]
-    return (list(found), configs) if found else None
-
-
-def _from_events(path: Path) -> tuple[list[str], list[str]] | None:
-    from spikeguard.events import read_events
-
-    for event in read_events(path):
-        if event.get("operator_ratios"):
-            return list(event["operator_ratios"]), []
-    return None
-
-
 def operators_from_run(run_dir: str | Path) -> tuple[list[str], list[str]]:
     """The operator names and probe configurations a run logged.
 
-    Reads, in this order, ``<run_dir>/spikeguard/probes.jsonl`` (names in forward order),
-    the CSVLogger's ``<run_dir>/metrics.csv`` header (``spikeguard/op/<op>/...`` columns)
-    and ``<run_dir>/spikeguard/events.jsonl`` (an event's operator ratios). The
-    configurations are empty when no probe ran. ``run_dir`` is the run's log directory
+    The run is read by :func:`spikeguard.rundir.load_run`, the reader the report uses,
+    and the names are :attr:`Run.operators <spikeguard.rundir.Run.operators>`: the newest
+    probe's names in forward order, then any that only ``metrics.csv``
+    (``spikeguard/op/<op>/...`` columns) or an event's operator ratios name. The
+    configurations are the newest probe's, else those whose relative bias m was logged in
+    ``metrics.csv``; empty when no probe ran. ``run_dir`` is the run's log directory
     (``trainer.log_dir``) or its ``spikeguard`` folder.
+
+    Raises:
+        ValueError: ``run_dir`` is not a directory or holds no run or no operator names
+            (the message says where it looked), or a file of the run cannot be read
+            (:class:`~spikeguard.rundir.RunError`, a ValueError naming the file).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"--run {str(run_dir)!r} is not a directory")
-    folder = run_dir if (run_dir / "events.jsonl").exists() or (run_dir / "probes.jsonl").exists() else run_dir / "spikeguard"
-    sources = ((folder / "probes.jsonl", _from_probes), (run_dir / "metrics.csv", _from_csv), (folder / "events.jsonl", _from_events))
-    for path, read in sources:
-        if path.is_file():
-            found = read(path)
-            if found:
-                return found
-    looked = ", ".join(str(path) for path, _ in sources)
-    raise ValueError(f"no operator names in {str(run_dir)!r}: looked in {looked}; pass --operators a,b,c instead")
+    root = run_dir
+    if run_dir.name == paths.ARTIFACTS and any((run_dir / name).is_file() for name in (paths.EVENTS, paths.PROBES)):
+        root = run_dir.parent  # the run's spikeguard folder: the run is the directory above it
+
+    def missing(directory: Path, why: str = "") -> ValueError:
+        files = paths.RunPaths.at(directory)
+        looked = ", ".join(str(path) for path in (files.probes, files.metrics, files.events))
+        message = f"no operator names in {str(run_dir)!r}: looked in {looked}; pass --operators a,b,c instead"
+        return ValueError(message + (f" ({why})" if why else ""))
+
+    try:
+        directory = find_run(root)
+    except RunError as err:  # no run there (or several): as before, no names, and the reader's reason
+        raise missing(root, str(err)) from None
+    run = load_run(directory)  # a file that cannot be read: the RunError names it
+    names, _ = run.operators
+    if not names:
+        raise missing(directory)
+    if run.probes:
+        observed = run.probes[-1].result.observed
+        configs = [c for c in CONFIGS if c in observed]
+    else:
+        configs = [c for c in CONFIGS if keys.probe_metric(c, "m") in run.metrics]
+    return names, configs
 
 
 # -- the command -----------------------------------------------------------------------

@@ -16,7 +16,10 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from spikeguard.records import SpikeEvent
 
 __all__ = ["run_demo", "add_parser", "RECIPE"]
 
@@ -66,9 +69,15 @@ def _wandb_available() -> bool:
 
 
 def run_demo(out: str | os.PathLike = "runs/demo", steps: int | None = None, wandb: bool = True) -> dict[str, Any]:
-    """Train the demo recipe into ``out``; return what it found (and print a summary)."""
-    from spikeguard.events import read_events
+    """Train the demo recipe into ``out``; return what it found (and print a summary).
+
+    ``result["events"]`` are the run's :class:`~spikeguard.records.SpikeEvent` records, as
+    :func:`spikeguard.rundir.load_run` reads them (the report reads the same run object).
+    """
+    from spikeguard.paths import RunPaths
     from spikeguard.recipes.cli import fit
+    from spikeguard.report import ReportError, build_report
+    from spikeguard.rundir import RunError, load_run
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -84,18 +93,23 @@ def run_demo(out: str | os.PathLike = "runs/demo", steps: int | None = None, wan
 
     runs = sorted(glob.glob(str(out / "logs" / "version_*")), key=os.path.getmtime)
     run_dir = Path(runs[-1])
-    events = read_events(run_dir / "spikeguard" / "events.jsonl") if (run_dir / "spikeguard" / "events.jsonl").exists() else []
+    files = RunPaths.at(run_dir)
+    events: list[SpikeEvent] = []
     report = None
-    from spikeguard.report import ReportError, build_report
-
     try:
-        report = build_report(run_dir)
-    except ReportError as err:  # e.g. matplotlib missing: the rest of the demo stands
-        print(f"(no HTML report: {err})", file=sys.stderr)
+        run = load_run(run_dir)
+    except RunError as err:  # a run that logged nothing of SpikeGuard's: no events, no report, say why
+        print(f"(cannot read the run: {err})", file=sys.stderr)
+    else:
+        events = run.events
+        try:
+            report = build_report(run)
+        except ReportError as err:  # e.g. matplotlib missing: the rest of the demo stands
+            print(f"(no HTML report: {err})", file=sys.stderr)
     wandb_runs = sorted(glob.glob(str(out / "wandb" / "offline-run-*")), key=os.path.getmtime) if wandb else []
     result = {
         "run_dir": str(run_dir), "events": events, "report": str(report) if report else None,
-        "events_file": str(run_dir / "spikeguard" / "events.jsonl"),
+        "events_file": str(files.events),
         "wandb_run": wandb_runs[-1] if wandb_runs else None, "seconds": seconds,
     }
     print(summary(result))
@@ -107,25 +121,26 @@ def _num(value: Any, fmt: str = ".3g") -> str:
 
 
 def summary(result: dict[str, Any]) -> str:
-    """The closing summary the demo prints."""
+    """The closing summary the demo prints; ``result["events"]`` are typed :class:`SpikeEvent` records."""
     lines = ["", f"spikeguard demo finished in {result['seconds']:.0f} s", ""]
-    spikes = [e for e in result["events"] if e["kind"] != "operator"]
+    events: list[SpikeEvent] = result["events"]
+    spikes = [e for e in events if e.kind != "operator"]
     if not spikes:
         lines.append("No spike was detected (the burst should have caused one: see the report).")
     for e in spikes:
-        pred = e.get("predicted") or {}
-        where = f"in {e['origin']} ({e['direction']} pass)" if e.get("origin") else "(origin not attributed)"
+        pred = e.predicted  # None: no prediction was made, every predicted value is n/a
+        where = f"in {e.origin} ({e.direction} pass)" if e.origin else "(origin not attributed)"
+        outcome = pred.outcome if pred is not None and pred.outcome else "n/a"
+        factor, bound, k_rec = (pred.factor, pred.factor_bound, pred.k_rec) if pred is not None else (None, None, None)
         lines += [
-            f"Spike at step {e['step']}: {e['kind']}, gradient x{_num(e['factor'])} its baseline (robust z = {_num(e['z'], '.1f')})",
+            f"Spike at step {e.step}: {e.kind}, gradient x{_num(e.factor)} its baseline (robust z = {_num(e.z, '.1f')})",
             f"  started {where}",
-            f"  predicted: {pred.get('outcome', 'n/a')}, spike factor ~{_num(pred.get('factor'))} "
-            f"(bound {_num(pred.get('factor_bound'))}), k_rec = {_num(pred.get('k_rec'), '.0f')} steps",
-            f"  observed: {e.get('outcome')}"
-            + (f" after {e['recovery_steps']} step(s)" if e.get("recovery_steps") is not None else ""),
+            f"  predicted: {outcome}, spike factor ~{_num(factor)} (bound {_num(bound)}), k_rec = {_num(k_rec, '.0f')} steps",
+            f"  observed: {e.outcome}" + (f" after {e.recovery_steps} step(s)" if e.recovery_steps is not None else ""),
         ]
-    others = [e for e in result["events"] if e["kind"] == "operator"]
+    others = [e for e in events if e.kind == "operator"]
     if others:
-        lines.append(f"Operator anomalies (no loss/gradient spike): steps {[e['step'] for e in others]}")
+        lines.append(f"Operator anomalies (no loss/gradient spike): steps {[e.step for e in others]}")
     lines += ["", f"HTML report:  {result['report'] or 'not written'}", f"Event log:    {result['events_file']}"]
     if result["wandb_run"]:
         lines += [f"W&B run:      {result['wandb_run']} (offline)", f"  upload it:  wandb sync {result['wandb_run']}"]

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from spikeguard import signals
+
 __all__ = [
     "PREFIX",
     "STEP",
     "Key",
     "metric",
     "operator_metric",
+    "signal_metric",
     "probe_metric",
     "probe_operator_metric",
     "probe_constant_metric",
@@ -48,13 +51,8 @@ def metric(*parts: str) -> str:
     return "/".join((PREFIX, *parts))
 
 
-#: Per-operator statistics logged by SpikeGuard, and what each is.
-OPERATOR_STATS = {
-    "out_rms": "RMS of the operator's output",
-    "out_amax": "max |output| of the operator",
-    "msg_norm": "norm of the gradient w.r.t. the operator's output, |g_i|",
-    "param_grad_norm": "norm of the operator's own parameter gradient",
-}
+#: Per-operator statistics logged by SpikeGuard, and what each is (from the signal registry).
+OPERATOR_STATS = {s.name: s.description for s in signals.OPERATOR}
 
 
 def operator_metric(operator: str, stat: str) -> str:
@@ -62,6 +60,15 @@ def operator_metric(operator: str, stat: str) -> str:
     if stat not in OPERATOR_STATS and not stat.endswith("_ratio"):
         raise ValueError(f"stat must be one of {sorted(OPERATOR_STATS)} (or '<stat>_ratio'), got {stat!r}")
     return metric("op", operator, stat)
+
+
+def signal_metric(signal: signals.Signal, operator: str | None = None) -> str:
+    """The key of a registry signal: ``spikeguard/<name>``, or per operator ``spikeguard/op/<operator>/<name>``."""
+    if signal.scope == "global":
+        return metric(signal.name)
+    if operator is None:
+        raise ValueError(f"signal {signal.name!r} is per operator: its key needs the operator's name")
+    return operator_metric(operator, signal.name)
 
 
 #: Per-operator fields of a probe, logged per configuration (forward, backward, both).
@@ -123,8 +130,7 @@ def perturb_metric(direction: str, operator: str) -> str:
 
 #: Keys that do not depend on operator names.
 STATIC_KEYS: tuple[Key, ...] = (
-    Key(metric("loss"), "training loss as SpikeGuard saw it (mean over the accumulation window)"),
-    Key(metric("grad_norm"), "global gradient norm |G|", "max"),
+    *(Key(signal_metric(s), s.description, s.summary) for s in signals.GLOBAL),
     Key(metric("loss_z"), "robust z-score of the log loss", "max"),
     Key(metric("grad_norm_z"), "robust z-score of the log gradient norm", "max"),
     Key(metric("grad_norm_band"), "upper band of the gradient norm (clip level)"),

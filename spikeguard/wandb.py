@@ -19,7 +19,8 @@ import weakref
 from typing import Any
 
 from spikeguard import keys
-from spikeguard.events import SpikeEvent
+from spikeguard.records import SpikeEvent
+from spikeguard.sinks import BaseSink
 
 __all__ = [
     "WandbSink", "sinks_for", "define_metrics", "is_online", "EVENT_COLUMNS", "EVENT_TABLE_KEY", "OFFLINE_MODES",
@@ -71,24 +72,26 @@ def is_online(run: Any) -> bool:
 
 
 def _row(event: SpikeEvent) -> list[Any]:
-    pred = event.predicted or {}
+    pred = event.predicted
 
     def num(value: Any) -> Any:
         return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
     return [
         event.id, event.step, event.kind, num(event.z), num(event.factor), event.origin, event.direction,
-        num(pred.get("factor")), pred.get("outcome"), num(pred.get("k_rec")), event.action, event.rerun,
-        event.outcome, event.recovery_steps,
+        num(pred.factor) if pred else None, pred.outcome if pred else None, num(pred.k_rec) if pred else None,
+        event.action, event.rerun, event.outcome, event.recovery_steps,
     ]
 
 
-class WandbSink:
-    """Feeds one WandbLogger: metric definitions, the event table (re-logged whole as rows
-    change) and alerts (online runs only)."""
+class WandbSink(BaseSink):
+    """A sink (:mod:`spikeguard.sinks`) for one WandbLogger: metric definitions, the event
+    table (re-logged whole as rows change) and alerts (online runs only). Metrics reach W&B
+    through the logger itself (:class:`spikeguard.sinks.LoggerSink`)."""
 
-    def __init__(self, logger: Any, alert: bool = True):
+    def __init__(self, logger: Any, trainer: Any, alert: bool = True):
         self.logger = logger
+        self.trainer = trainer
         self.alert = alert
         self.events: dict[int, SpikeEvent] = {}
         self._tried_define = False
@@ -111,23 +114,23 @@ class WandbSink:
                 stacklevel=2,
             )
 
-    def _log_table(self, trainer: Any) -> None:
+    def _log_table(self) -> None:
         rows = [_row(e) for e in sorted(self.events.values(), key=lambda e: e.step)]
         # WandbLogger.log_table -> log_metrics: the step goes in as trainer/global_step, not step=.
-        self.logger.log_table(key=EVENT_TABLE_KEY, columns=list(EVENT_COLUMNS), data=rows, step=trainer.global_step)
+        self.logger.log_table(key=EVENT_TABLE_KEY, columns=list(EVENT_COLUMNS), data=rows, step=self.trainer.global_step)
 
-    def spike(self, trainer: Any, event: SpikeEvent) -> None:
+    def spike(self, event: SpikeEvent) -> None:
         self.define()
         self.events[event.id] = event
-        self._log_table(trainer)
+        self._log_table()
         run = self.logger.experiment
         if self.alert and is_online(run):
             run.alert(title=f"spikeguard: {event.kind} spike at step {event.step}", text=event.summary(), level="WARN")
 
-    def outcome(self, trainer: Any, event: SpikeEvent) -> None:
+    def outcome(self, event: SpikeEvent) -> None:
         self.define()
         self.events[event.id] = event
-        self._log_table(trainer)
+        self._log_table()
 
 
 def sinks_for(trainer: Any, alert: bool = True) -> list[WandbSink]:
@@ -136,7 +139,7 @@ def sinks_for(trainer: Any, alert: bool = True) -> list[WandbSink]:
     On rank 0 each sink defines its run's metrics now, before anything is logged (Lightning
     has already created the run when callbacks set up); failures only warn.
     """
-    sinks = [WandbSink(logger, alert) for logger in trainer.loggers if _is_wandb_logger(logger)]
+    sinks = [WandbSink(logger, trainer, alert) for logger in trainer.loggers if _is_wandb_logger(logger)]
     if getattr(trainer, "is_global_zero", True):
         for sink in sinks:
             sink.define()

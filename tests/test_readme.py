@@ -46,3 +46,31 @@ def test_readme_has_no_placeholders():
 def test_console_script_version():
     out = subprocess.run([sys.executable, "-m", "spikeguard.cli", "--version"], capture_output=True, text=True, check=True)
     assert re.fullmatch(r"spikeguard \d+\.\d+\.\d+\S*\n", out.stdout)
+
+
+def test_demo_summary_prints_what_the_readme_shows():
+    """The README's demo summary, from typed events (SpikeEvent; predicted None where none was made)."""
+    from spikeguard.demo import summary
+    from spikeguard.paths import RunPaths
+    from spikeguard.records import SpikeEvent, SpikePrediction
+
+    shown = next(b for b in re.findall(r"```text\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S) if "Spike at step" in b)
+    files = RunPaths.at("runs/demo/logs/version_0")
+    burst = SpikeEvent(
+        id=200, step=200, kind="grad_norm", z=21.9, loss=5.0, grad_norm=30.0, factor=27.3, loss_factor=1.3,
+        origin="transformer.ln_f", direction="forward", outcome="recovered", recovery_steps=1,
+        predicted=SpikePrediction(source="probe", factor=3.98, factor_bound=5970.0, outcome="recover", k_rec=41.0),
+    )
+    unpredicted = SpikeEvent(id=250, step=250, kind="loss", z=7.0, loss=9.0, grad_norm=3.0, factor=1.5, loss_factor=2.0)
+    anomaly = SpikeEvent(id=260, step=260, kind="operator", z=12.0, loss=3.0, grad_norm=2.0, factor=1.0, loss_factor=1.0)
+    result = {
+        "events": [burst, unpredicted, anomaly], "seconds": 28.0, "report": str(files.report),
+        "events_file": str(files.events), "wandb_run": "runs/demo/wandb/offline-run-...",
+    }
+    printed = summary(result).splitlines()
+    for line in shown.strip("\n").splitlines():
+        assert line in printed, line
+    assert "  predicted: n/a, spike factor ~n/a (bound n/a), k_rec = n/a steps" in printed
+    assert "  observed: pending" in printed
+    assert "Operator anomalies (no loss/gradient spike): steps [260]" in printed
+    assert "spikeguard demo finished in 28 s" in printed

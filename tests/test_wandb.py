@@ -166,7 +166,7 @@ def csv_keys(run):
 def test_the_run_had_its_burst_predicted_and_recovered(offline_run):
     event = next(e for e in offline_run.guard.events if e.step == BURST_STEP)
     assert (event.origin, event.outcome) == (BURST_OPERATOR, "recovered")
-    assert event.predicted["outcome"] == "recover" and event.predicted["k_rec"] > 0
+    assert event.predicted is not None and event.predicted.outcome == "recover" and event.predicted.k_rec > 0
     assert offline_run.probe.num_probes == 3  # steps 0, 50, 100
 
 
@@ -278,13 +278,13 @@ def event():
 def test_alert_only_when_online(mode, alerted):
     run = FakeRun(mode)
     (sink,) = sg_wandb.sinks_for(fake_trainer(FakeLogger(run)))
-    sink.spike(fake_trainer(), event())
+    sink.spike(event())
     assert bool(run.alerts) is alerted
     assert sg_wandb.is_online(run) is alerted
     assert sink.logger.tables[-1]["step"] == 7 and sink.logger.tables[-1]["key"] == sg_wandb.EVENT_TABLE_KEY
     quiet = FakeRun(mode)
     (sink,) = sg_wandb.sinks_for(fake_trainer(FakeLogger(quiet)), alert=False)
-    sink.spike(fake_trainer(), event())
+    sink.spike(event())
     assert quiet.alerts == []
 
 
@@ -340,7 +340,7 @@ def test_failing_wandb_warns_and_training_goes_on(tmp_path):
     assert t.global_step == 60
     assert any("W&B define_metric failed" in m and "training goes on" in m for m in messages), messages
     assert any("WandbSink.spike failed (RuntimeError: W&B is down)" in m for m in messages), messages
-    assert 40 in [e["step"] for e in read_events(tmp_path / "spikeguard" / "events.jsonl")]
+    assert 40 in [e.step for e in read_events(tmp_path / "spikeguard" / "events.jsonl")]
     assert any(keys.metric("grad_norm") in m for m in logger.metrics)  # metrics still logged
 
 
@@ -446,9 +446,9 @@ def test_operators_from_run_fallbacks(offline_run, tmp_path):
     names = list(offline_run.probe.latest.names)
     assert operators_from_run(offline_run.csv_dir) == (names, ["forward", "backward", "both"])
     assert operators_from_run(offline_run.csv_dir / "spikeguard") == (names, ["forward", "backward", "both"])
-    # Without probes.jsonl: the CSV header, then the events' operator ratios.
+    # Without probes.jsonl: metrics.csv's logged operator columns (load_run's), then the events' operator ratios.
     (tmp_path / "spikeguard").mkdir()
-    (tmp_path / "metrics.csv").write_text((offline_run.csv_dir / "metrics.csv").read_text().splitlines()[0] + "\n")
+    (tmp_path / "metrics.csv").write_text((offline_run.csv_dir / "metrics.csv").read_text())
     ops, configs = operators_from_run(tmp_path)
     assert sorted(ops) == sorted(names) and configs == ["forward", "backward", "both"]
     (tmp_path / "metrics.csv").unlink()

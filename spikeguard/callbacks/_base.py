@@ -7,9 +7,6 @@ callbacks here derive from every one that is installed, so one class works with 
 
 from __future__ import annotations
 
-import warnings
-import weakref
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +14,7 @@ from torch import nn
 
 from spikeguard.operators import OperatorChain, _pattern_hint
 
-__all__ = ["CallbackBase", "resolve_model", "resolve_chain", "SafeLogger", "shared", "Shared"]
+__all__ = ["CallbackBase", "resolve_model", "resolve_chain", "adopt_renamed_state", "log_dir", "world", "all_reduce_max", "all_reduce_mean"]
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -87,58 +84,33 @@ def resolve_chain(owner: str, model: nn.Module, chain: OperatorChain | list[str]
     raise TypeError(f"{owner}.chain must be None, an OperatorChain or a list of name patterns, got {chain!r}")
 
 
-class SafeLogger:
-    """Log to every logger of a trainer; a logger that raises is reported once, not fatal."""
+def adopt_renamed_state(callback: Any, trainer: Any, checkpoint: dict[str, Any]) -> str | None:
+    """In ``on_load_checkpoint``: give ``callback`` the state a checkpoint holds under an older key.
 
-    def __init__(self, owner: str):
-        self.owner = owner
-        self._failed: set[int] = set()
-
-    def log(self, trainer: Any, metrics: dict[str, float], step: int) -> None:
-        if not metrics:
-            return
-        for logger in trainer.loggers:
-            try:
-                logger.log_metrics(metrics, step=step)
-            except Exception as err:  # a failing logger must never stop training
-                if id(logger) not in self._failed:
-                    self._failed.add(id(logger))
-                    warnings.warn(
-                        f"{self.owner}: {type(logger).__name__}.log_metrics failed ({type(err).__name__}: "
-                        f"{err}); training goes on, later failures of this logger are silent",
-                        stacklevel=2,
-                    )
-
-    def call(self, trainer: Any, what: str, fn: Any) -> Any:
-        """Run ``fn()`` (a logger-specific extra, e.g. a W&B table) with the same protection."""
-        try:
-            return fn()
-        except Exception as err:
-            key = hash(what)
-            if key not in self._failed:
-                self._failed.add(key)
-                warnings.warn(f"{self.owner}: {what} failed ({type(err).__name__}: {err}); training goes on", stacklevel=2)
-            return None
+    Lightning restores a callback's state only under its exact ``state_key`` and drops
+    it otherwise. Older spikeguard versions put settings into the key (``SpikeGuard{'action':
+    'none', ...}``), so a resume with another setting, or from an older checkpoint, would
+    lose the detector without a word. When the checkpoint has no state under this
+    callback's key but exactly one such older key of the same class that no other
+    callback of the trainer claims, it is moved to this key (and the key it came from
+    is returned).
+    """
+    states = checkpoint.get("callbacks")
+    key = callback.state_key
+    if not isinstance(states, dict) or key in states:
+        return None
+    cls = type(callback).__name__
+    claimed = {c.state_key for c in getattr(trainer, "callbacks", [])}
+    candidates = [k for k in states if isinstance(k, str) and k.startswith(cls + "{") and k not in claimed]
+    if len(candidates) != 1:
+        return None
+    states[key] = states.pop(candidates[0])
+    return candidates[0]
 
 
-@dataclass
-class Shared:
-    """State the callbacks exchange through the trainer, without depending on each other."""
-
-    prediction: Any = None  # spikeguard.detect.Prediction from the latest probe
-    probe_result: Any = None  # the latest ProbeResult
-    rerun_active: bool = False  # SpikeGuard is re-running a step: transient faults stay off
-
-
-_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def shared(trainer: Any) -> Shared:
-    """The :class:`Shared` state of a trainer (created on first use)."""
-    state = _SHARED.get(trainer)
-    if state is None:
-        state = _SHARED[trainer] = Shared()
-    return state
+def log_dir(trainer: Any) -> str:
+    """The run's log directory (a collective under DDP: every rank must call it)."""
+    return trainer.log_dir or trainer.default_root_dir
 
 
 def world(trainer: Any) -> int:

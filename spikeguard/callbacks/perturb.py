@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from spikeguard import keys
-from spikeguard.callbacks._base import CallbackBase, SafeLogger, resolve_chain, resolve_model, shared
+from spikeguard.callbacks._base import CallbackBase, adopt_renamed_state, resolve_chain, resolve_model
 from spikeguard.operators import OperatorChain
 from spikeguard.perturb.injector import BACKWARD, FORWARD, Injector, Perturbation, SpecLike
+from spikeguard.sinks import LoggerSink, Sinks, check_sinks
 
 __all__ = ["Perturb"]
 
@@ -18,7 +21,9 @@ class Perturb(CallbackBase):
 
     Schedules see ``trainer.global_step`` (the optimizer step), so with gradient
     accumulation every micro-batch of a step is perturbed alike and a resumed run replays
-    the same schedule. Perturbations apply to training batches only (not validation).
+    the same schedule. Perturbations apply to training batches only (not validation),
+    never to a measurement's passes, and, when ``transient``, not to SpikeGuard's re-run
+    of a spiking step (:mod:`spikeguard.passes`).
 
     Args:
         forward: ``{operator or glob: noise or (noise, schedule)}`` for δ_i.
@@ -27,12 +32,16 @@ class Perturb(CallbackBase):
             (the YAML-friendly form); combined with ``forward``/``backward``.
         seed: the Injector's seed.
         transient: the faults model hardware: they do not recur when SpikeGuard re-runs
-            a spiking step (so its verdict is "transient").
+            a spiking step (so its verdict is "transient"); a Perturbation's own
+            ``transient`` overrides it.
         chain: the operators (None: discovered from the model), or name patterns.
         model_attr: the attribute of the LightningModule that holds the model
             (default ``model`` when present, else the LightningModule).
         log_every_n_steps: how often the applied |δ_i|, |ε_i| are logged (reading them
             syncs); None follows ``Trainer(log_every_n_steps=...)``.
+        sinks: more sinks for the logged metrics (:mod:`spikeguard.sinks`).
+        name: tells two Perturb callbacks with the same perturbations apart in a
+            checkpoint (the default key is derived from the perturbations).
 
     Logged (against ``trainer/global_step``):
 
@@ -54,6 +63,8 @@ class Perturb(CallbackBase):
         chain: OperatorChain | list[str] | None = None,
         model_attr: str | None = None,
         log_every_n_steps: int | None = None,
+        sinks: Sequence[Any] | None = None,
+        name: str | None = None,
     ):
         if not forward and not backward and not perturbations:
             raise ValueError("Perturb needs at least one of forward=, backward= or perturbations=, got none")
@@ -65,6 +76,8 @@ class Perturb(CallbackBase):
             raise TypeError(f"Perturb.seed must be an int, got {seed!r}")
         if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
             raise ValueError(f"Perturb.log_every_n_steps must be None or an int >= 1, got {log_every_n_steps!r}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"Perturb.name must be None or a non-empty string, got {name!r}")
         self.forward = dict(forward or {})
         self.backward = dict(backward or {})
         self.perturbations = list(perturbations or [])
@@ -73,23 +86,36 @@ class Perturb(CallbackBase):
         self.chain = chain
         self.model_attr = model_attr
         self.log_every_n_steps = log_every_n_steps
+        self.name = name
+        self._user_sinks = check_sinks("Perturb", sinks)
         self.injector: Injector | None = None
-        self._logger = SafeLogger("Perturb")
+        self._sinks = Sinks("Perturb")
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(seed=self.seed, forward=sorted(self.forward), backward=sorted(self.backward))
+        """``Perturb[<name>]``, or ``Perturb[<digest of the perturbations>]``: two Perturb
+        callbacks with different perturbations never collide; settings that do not say
+        what is injected (logging) stay out of it."""
+        return f"Perturb[{self.name or self._digest()}]"
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage != "fit" or self.injector is not None:
-            return
-        chain = resolve_chain("Perturb", resolve_model(pl_module, self.model_attr), self.chain)
-        self.injector = Injector(
-            chain, forward=self.forward, backward=self.backward, perturbations=self.perturbations, seed=self.seed
-        )
-        if self.transient:
-            state = shared(trainer)
-            self.injector.gate = lambda: not state.rerun_active
+    def _digest(self) -> str:
+        spec = repr((
+            sorted((k, repr(v)) for k, v in self.forward.items()),
+            sorted((k, repr(v)) for k, v in self.backward.items()),
+            [repr(p) for p in self.perturbations],
+        ))
+        return hashlib.sha1(spec.encode()).hexdigest()[:10]
+
+    # -- building: after the strategy has wrapped the model ------------------------------
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.injector is None:
+            chain = resolve_chain("Perturb", resolve_model(pl_module, self.model_attr), self.chain)
+            self.injector = Injector(
+                chain, forward=self.forward, backward=self.backward, perturbations=self.perturbations,
+                seed=self.seed, transient=self.transient,
+            )
+        self._sinks = Sinks("Perturb", ([LoggerSink(trainer, "Perturb")] if trainer.is_global_zero else []) + self._user_sinks)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self.injector.attach()
@@ -101,18 +127,20 @@ class Perturb(CallbackBase):
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 50) or 50
-        if trainer.global_step % every:
+        if trainer.global_step % every or not trainer.is_global_zero:
             return
         metrics = {}
         for direction in (FORWARD, BACKWARD):
             for name, value in self.injector.applied_norms(direction).items():
                 metrics[keys.perturb_metric(direction, name)] = float(value)
-        if trainer.is_global_zero:
-            self._logger.log(trainer, metrics, trainer.global_step)
+        self._sinks.metrics(metrics, trainer.global_step)
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if self.injector is not None:
             self.injector.detach()
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._sinks.close()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self.injector is not None:
@@ -121,6 +149,20 @@ class Perturb(CallbackBase):
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self.injector is not None:
             self.injector.detach()
+
+    # -- checkpointing -----------------------------------------------------------------
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        adopt_renamed_state(self, trainer, checkpoint)
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key not in states:
+            others = [k for k in states if isinstance(k, str) and k.startswith("Perturb")]
+            if others:
+                warnings.warn(
+                    f"Perturb: the checkpoint holds Perturb state for other perturbations ({others}); this "
+                    f"callback ({self.state_key}) injects different ones and starts from its own schedule",
+                    stacklevel=2,
+                )
 
     def state_dict(self) -> dict[str, Any]:
         # Schedules are pure functions of the step; the seed is the only state. It is

@@ -2,31 +2,35 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from spikeguard import keys
+from spikeguard import keys, passes, signals
+from spikeguard._tensor import RngState
 from spikeguard.callbacks._base import (
     CallbackBase,
-    SafeLogger,
+    adopt_renamed_state,
     all_reduce_max,
     all_reduce_mean,
+    log_dir,
     resolve_chain,
     resolve_model,
-    shared,
     world,
 )
+from spikeguard.config import ConfigError, check_choice, from_mapping
 from spikeguard.detect import DetectorConfig, SpikeDetector, predict_spike
-from spikeguard.events import EventLog, SpikeEvent
+from spikeguard.detect.actions import clip_factor, relative_difference
 from spikeguard.measure.stats import StepStatistics
 from spikeguard.operators import OperatorChain
+from spikeguard.paths import RunPaths
+from spikeguard.records import SpikeEvent
+from spikeguard.sinks import EventLogSink, LoggerSink, Sinks, check_sinks
+from spikeguard.store import ProbeStore
 
 __all__ = ["SpikeGuard", "ACTIONS"]
 
@@ -41,17 +45,18 @@ class SpikeGuard(CallbackBase):
     robust online detector (:class:`spikeguard.detect.SpikeDetector`); the host reads
     the detector only on logging steps, so in ``action="none"`` there is no host sync
     per step. At a spike it attributes the origin (operator and direction), predicts
-    the spike factor, the outcome and k_rec from the latest AmplificationProbe (if one
-    runs), tracks the observed recovery, appends the event to
-    ``<log dir>/spikeguard/events.jsonl`` and logs metrics to every logger.
+    the spike factor, the outcome and k_rec from the latest probe measured before the
+    spike (an AmplificationProbe's store), tracks the observed recovery, and hands the
+    event to its sinks: ``<log dir>/spikeguard/events.jsonl``, every Lightning logger,
+    W&B's event table and alerts, and yours.
 
     Args:
         action: ``"none"`` (diagnose only), ``"clip"`` (scale the gradient down to the
             detector's upper band, on the device, no sync) or ``"skip"`` (a true skip:
             no parameter change, the optimizer's state and step counters untouched; one
             host sync per step to decide). Decisions are identical on every rank.
-        threshold, min_factor, operator_threshold, operator_min_factor, window, warmup:
-            the detector's sensitivity (:class:`~spikeguard.detect.DetectorConfig`).
+        detector: the detector's settings, a :class:`~spikeguard.detect.DetectorConfig`
+            or a dict of its fields (YAML: ``detector: {threshold: 5.0, window: 64}``).
         max_consecutive_skips: with ``action="skip"``, the most steps skipped in a row;
             a spike that outlasts them comes from the weights, not a transient fault, and
             steps go through again (with a warning).
@@ -67,6 +72,14 @@ class SpikeGuard(CallbackBase):
         chain: the operators (None: discovered from the model), or name patterns.
         model_attr: the attribute of the LightningModule that holds the model.
         alert: send a W&B alert at each spike when a WandbLogger runs online.
+        probes: the probe store predictions come from; None finds the
+            AmplificationProbe among the trainer's callbacks (no prediction of the spike
+            factor without one).
+        sinks: more sinks for spikes, outcomes and metrics (:mod:`spikeguard.sinks`).
+        name: tells two SpikeGuard callbacks apart in a checkpoint (its ``state_key``
+            is ``SpikeGuard`` or ``SpikeGuard[name]``; settings stay out of it, so a run
+            resumed with another action or threshold keeps its detector, events and
+            counters).
 
     Logged (against ``trainer/global_step``; see :mod:`spikeguard.keys`):
 
@@ -89,12 +102,7 @@ class SpikeGuard(CallbackBase):
     def __init__(
         self,
         action: str = "none",
-        threshold: float = 6.0,
-        min_factor: float = 3.0,
-        operator_threshold: float = 10.0,
-        operator_min_factor: float = 8.0,
-        window: int = 128,
-        warmup: int = 16,
+        detector: DetectorConfig | None = None,
         max_consecutive_skips: int = 4,
         rerun: bool = False,
         rerun_tolerance: float = 1e-3,
@@ -104,27 +112,26 @@ class SpikeGuard(CallbackBase):
         chain: OperatorChain | list[str] | None = None,
         model_attr: str | None = None,
         alert: bool = True,
+        probes: ProbeStore | None = None,
+        sinks: Sequence[Any] | None = None,
+        name: str | None = None,
     ):
-        if action not in ACTIONS:
-            raise ValueError(f"SpikeGuard.action must be one of {list(ACTIONS)}, got {action!r}")
+        check_choice("SpikeGuard", "action", action, ACTIONS)
         if not isinstance(max_consecutive_skips, int) or isinstance(max_consecutive_skips, bool) or max_consecutive_skips < 1:
-            raise ValueError(f"SpikeGuard.max_consecutive_skips must be an int >= 1, got {max_consecutive_skips!r}")
+            raise ConfigError("SpikeGuard", "max_consecutive_skips", max_consecutive_skips, "an int >= 1")
         if not isinstance(rerun_tolerance, (int, float)) or not rerun_tolerance > 0:
-            raise ValueError(f"SpikeGuard.rerun_tolerance must be > 0, got {rerun_tolerance!r}")
+            raise ConfigError("SpikeGuard", "rerun_tolerance", rerun_tolerance, "> 0")
         if log_every_n_steps is not None and (
             not isinstance(log_every_n_steps, int) or isinstance(log_every_n_steps, bool) or log_every_n_steps < 1
         ):
-            raise ValueError(f"SpikeGuard.log_every_n_steps must be None or an int >= 1, got {log_every_n_steps!r}")
-        try:
-            self.config = DetectorConfig(
-                window=window, warmup=warmup, threshold=threshold, min_factor=min_factor,
-                operator_threshold=operator_threshold, operator_min_factor=operator_min_factor,
-            )
-        except ValueError as err:
-            raise ValueError(str(err).replace("DetectorConfig.", "SpikeGuard.")) from None
+            raise ConfigError("SpikeGuard", "log_every_n_steps", log_every_n_steps, "None or an int >= 1")
+        if probes is not None and not isinstance(probes, ProbeStore):
+            raise TypeError(f"SpikeGuard.probes must be None or a ProbeStore (AmplificationProbe.store), got {type(probes).__name__}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ConfigError("SpikeGuard", "name", name, "None or a non-empty string")
+        self.config = from_mapping(DetectorConfig, detector, "SpikeGuard.detector")
         self.action = action
         self.max_consecutive_skips = max_consecutive_skips
-        self._consecutive = 0
         self.rerun = rerun
         self.rerun_tolerance = float(rerun_tolerance)
         self.log_every_n_steps = log_every_n_steps
@@ -133,60 +140,75 @@ class SpikeGuard(CallbackBase):
         self.chain = chain
         self.model_attr = model_attr
         self.alert = alert
+        self.probes = probes
+        self.name = name
+        self._user_sinks = check_sinks("SpikeGuard", sinks)
 
         self.stats: StepStatistics | None = None
         self.detector: SpikeDetector | None = None
-        self.event_log: EventLog | None = None
         self.num_skipped = 0
         self.num_clipped = 0
+        self._consecutive = 0
         self._chain: OperatorChain | None = None
+        self._paths: RunPaths | None = None
         self._loss: torch.Tensor | None = None
         self._skip = False
         self._patched: list[tuple[Any, Any]] = []
         self._pending_state: dict[str, Any] | None = None
-        self._saved: tuple[Any, int, Any] | None = None
+        self._saved: tuple[Any, int, RngState] | None = None
         self._rerun_verdicts: dict[int, str] = {}
         self._clip_count: torch.Tensor | None = None  # on the device: no sync to count
         self._last_step = -1
         self._poll_due = False
-        self._logger = SafeLogger("SpikeGuard")
-        self._sinks: list[Any] = []
+        self._sinks = Sinks("SpikeGuard")
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(action=self.action, threshold=self.config.threshold, window=self.config.window)
+        return f"SpikeGuard[{self.name}]" if self.name else "SpikeGuard"
 
     @property
     def events(self) -> list[SpikeEvent]:
         """Every spike event so far (rank 0's view)."""
         return self.detector.events if self.detector is not None else []
 
+    def _settings(self) -> dict[str, Any]:
+        """The settings a checkpoint records, to say what changed on resume."""
+        return {"action": self.action, "detector": dataclasses.asdict(self.config)}
+
     # -- setup and teardown ------------------------------------------------------------
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank calls it
+        root = log_dir(trainer)  # a collective: every rank calls it
+        self._paths = RunPaths.at(root, self.events_dir)
         if self.rerun and getattr(trainer, "accumulate_grad_batches", 1) != 1:
             raise ValueError(
                 "SpikeGuard(rerun=True) compares a re-run micro-batch with the step's gradient, so it needs "
                 f"Trainer(accumulate_grad_batches=1), got {trainer.accumulate_grad_batches}"
             )
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Build on the model the strategy has wrapped (after ``configure_model`` and strategy setup)."""
         model = resolve_model(pl_module, self.model_attr)
-        self._chain = resolve_chain("SpikeGuard", model, self.chain)
-        self.stats = StepStatistics(self._chain, model)
-        events_dir = self.events_dir or os.path.join(log_dir, "spikeguard")
-        self.event_log = EventLog(os.path.join(events_dir, "events.jsonl")) if trainer.is_global_zero else None
-        from spikeguard import wandb as sg_wandb
-
-        self._sinks = sg_wandb.sinks_for(trainer, alert=self.alert)
-
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._chain is None:
+            self._chain = resolve_chain("SpikeGuard", model, self.chain)
+            self.stats = StepStatistics(self._chain, model)
         if self.detector is None or self.detector.device != pl_module.device:
             self.detector = SpikeDetector(self._chain.names, self.config, device=pl_module.device)
         if self._pending_state is not None:
-            self.detector.load_state_dict(self._pending_state["detector"])
+            self._restore(self._pending_state)
             self._pending_state = None
+        if self.probes is None:
+            self.probes = _find_probe_store(trainer)
+        sinks: list[Any] = []
+        if trainer.is_global_zero:
+            from spikeguard import wandb as sg_wandb
+
+            sinks = [EventLogSink(self._paths.events), LoggerSink(trainer, "SpikeGuard"), *sg_wandb.sinks_for(trainer, alert=self.alert)]
+        self._sinks = Sinks("SpikeGuard", sinks + self._user_sinks)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.action == "skip":
             for optimizer in trainer.optimizers:
                 self._patch(optimizer)
@@ -227,6 +249,7 @@ class SpikeGuard(CallbackBase):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._poll(trainer, pl_module)
+        self._sinks.close()
         self._detach()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -240,8 +263,7 @@ class SpikeGuard(CallbackBase):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self.stats.attach()  # idempotent; re-attaches after validation
         if self.rerun:
-            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and pl_module.device.type == "cuda" else None
-            self._saved = (batch, batch_idx, (torch.get_rng_state(), cuda))
+            self._saved = (batch, batch_idx, RngState.capture([pl_module.device]))
 
     @staticmethod
     def _scaler(trainer: Any) -> Any:
@@ -306,51 +328,28 @@ class SpikeGuard(CallbackBase):
 
     @torch.no_grad()
     def _clip(self, pl_module: Any, flag: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        band = self.detector.upper_band.to(grad_norm.dtype)
-        factor = torch.where(flag & torch.isfinite(grad_norm) & (grad_norm > band), band / grad_norm, torch.ones_like(grad_norm))
+        factor = clip_factor(flag, grad_norm, self.detector.upper_band)
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, factor.to(grads[0].dtype))
         self._clip_count += (factor < 1).to(self._clip_count.dtype)
 
     def _rerun_step(self, trainer: Any, pl_module: Any) -> str:
-        """Recompute the gradient of this step with the same batch, weights and RNG."""
-        batch, batch_idx, (cpu_rng, cuda_rng) = self._saved
-        params = [p for p in pl_module.parameters() if p.requires_grad]
-        state = shared(trainer)
-        state.rerun_active = True
-        try:
-            with torch.random.fork_rng(devices=[pl_module.device] if cuda_rng is not None else []):
-                torch.set_rng_state(cpu_rng)
-                if cuda_rng is not None:
-                    torch.cuda.set_rng_state_all(cuda_rng)
-                # Statistics sit the re-run out; the Perturb callback's transient faults see
-                # rerun_active and stay off; persistent perturbations (other owners) apply.
-                with torch.enable_grad(), trainer.precision_plugin.forward_context(), self._quiet_stats():
-                    out = pl_module.training_step(batch, batch_idx)
-                    loss = out["loss"] if isinstance(out, dict) else out
-                    grads = torch.autograd.grad(loss, params, allow_unused=True)
-        finally:
-            state.rerun_active = False
-        diff = torch.zeros((), dtype=torch.float64, device=pl_module.device)
-        ref = torch.zeros((), dtype=torch.float64, device=pl_module.device)
-        for p, g in zip(params, grads):
-            if p.grad is None:
-                continue
-            g = torch.zeros_like(p.grad) if g is None else all_reduce_mean(g.clone(), trainer)
-            diff += (g.double() - p.grad.double()).pow(2).sum()
-            ref += p.grad.double().pow(2).sum()
-        relative = float(diff.sqrt() / ref.sqrt().clamp_min(1e-300))
-        return "reproducible" if relative <= self.rerun_tolerance else "transient"
+        """Recompute the gradient of this step with the same batch, weights and RNG.
 
-    @contextlib.contextmanager
-    def _quiet_stats(self) -> Iterator[None]:
-        """Detach the statistics' hooks for a block (their gradient hooks included)."""
-        self.stats.detach()
-        try:
-            yield
-        finally:
-            self.stats.attach()
+        The passes run as a re-run (:mod:`spikeguard.passes`): statistics sit it out and
+        transient perturbations stay off; persistent ones apply.
+        """
+        batch, batch_idx, rng = self._saved
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        with rng.forked(), passes.rerun(), torch.enable_grad(), trainer.precision_plugin.forward_context():
+            out = pl_module.training_step(batch, batch_idx)
+            loss = out["loss"] if isinstance(out, dict) else out
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        kept = [(g, p.grad) for p, g in zip(params, grads) if p.grad is not None]
+        rerun = [None if g is None else all_reduce_mean(g.clone(), trainer) for g, _ in kept]
+        relative = float(relative_difference(rerun, [grad for _, grad in kept]))
+        return "reproducible" if relative <= self.rerun_tolerance else "transient"
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._poll_due:
@@ -364,33 +363,25 @@ class SpikeGuard(CallbackBase):
     def _poll(self, trainer: Any, pl_module: Any) -> None:
         if self.detector is None:
             return
-        prediction = shared(trainer).prediction
-        new, resolved = self.detector.poll(lambda e, c: predict_spike(e, c, prediction))
+        store = self.probes
+        # The latest probe measured at or before the spike's step, whatever ran since.
+        new, resolved = self.detector.poll(
+            lambda e, c: predict_spike(e, c, store.latest(at_or_before=e.step) if store is not None else None)
+        )
         for event in new:
             event.action = self.action
             event.rerun = self._rerun_verdicts.pop(event.step, None)
         if not trainer.is_global_zero:
             return
         for event in new:
-            self.event_log.spike(event)
-            self._logger.log(trainer, self._event_metrics(event), event.step)
-            for sink in self._sinks:
-                self._logger.call(trainer, f"{type(sink).__name__}.spike", lambda sink=sink: sink.spike(trainer, event))
+            self._sinks.spike(event)
+            self._sinks.metrics(_event_metrics(event), event.step)
         for event in resolved:
-            self.event_log.outcome(event)
+            self._sinks.outcome(event)
             if event.recovery_steps is not None:
-                self._logger.log(trainer, {keys.metric("spike", "recovery_steps"): float(event.recovery_steps)}, event.step + event.recovery_steps)
-            for sink in self._sinks:
-                self._logger.call(trainer, f"{type(sink).__name__}.outcome", lambda sink=sink: sink.outcome(trainer, event))
-        self._logger.log(trainer, self._step_metrics(), self.detector.latest["step"] if self.detector.latest else trainer.global_step)
-
-    def _event_metrics(self, event: SpikeEvent) -> dict[str, float]:
-        out = {keys.metric("spike", "factor"): event.factor, keys.metric("spike", "z"): event.z}
-        for field, key in (("factor", "predicted_factor"), ("k_rec", "predicted_k_rec")):
-            value = event.predicted.get(field)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                out[keys.metric("spike", key)] = float(value)
-        return {k: v for k, v in out.items() if math.isfinite(v)}
+                self._sinks.metrics({keys.metric("spike", "recovery_steps"): float(event.recovery_steps)}, event.step + event.recovery_steps)
+        latest = self.detector.latest
+        self._sinks.metrics(self._step_metrics(), latest["step"] if latest else trainer.global_step)
 
     def _step_metrics(self) -> dict[str, float]:
         latest = self.detector.latest_values()
@@ -398,15 +389,16 @@ class SpikeGuard(CallbackBase):
             return {}
         if self._clip_count is not None:
             self.num_clipped = int(self._clip_count)  # a logging step: reading is allowed
-        clipped = self.num_clipped
-        out = {
-            keys.metric("loss"): latest["loss"], keys.metric("grad_norm"): latest["grad_norm"],
-            keys.metric("loss_z"): latest["loss_z"], keys.metric("grad_norm_z"): latest["grad_norm_z"],
+        out: dict[str, Any] = {}
+        for sig in signals.GLOBAL:
+            out[keys.signal_metric(sig)] = latest[sig.name]
+            out[keys.metric(f"{sig.name}_z")] = latest[f"{sig.name}_z"]
+        out.update({
             keys.metric("grad_norm_band"): latest["grad_norm_band"],
             keys.metric("spikes"): float(len(self.events)),
             keys.metric("skipped_steps"): float(self.num_skipped),
-            keys.metric("clipped_steps"): float(clipped),
-        }
+            keys.metric("clipped_steps"): float(self.num_clipped),
+        })
         if self.operator_metrics:
             for stat, values in latest["operators"].items():
                 for name, value in values.items():
@@ -416,21 +408,77 @@ class SpikeGuard(CallbackBase):
 
     # -- checkpointing -----------------------------------------------------------------
 
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        old = adopt_renamed_state(self, trainer, checkpoint)
+        if old is not None:
+            warnings.warn(f"SpikeGuard: restored its state from the checkpoint's {old!r} (an older key)", stacklevel=2)
+
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"num_skipped": self.num_skipped, "num_clipped": self.num_clipped}
+        state: dict[str, Any] = {"num_skipped": self.num_skipped, "num_clipped": self.num_clipped, "settings": self._settings()}
         if self.detector is not None:
             state["detector"] = self.detector.state_dict()
-        elif self._pending_state is not None:
+        elif self._pending_state is not None and "detector" in self._pending_state:
             state["detector"] = self._pending_state["detector"]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.num_skipped = int(state_dict.get("num_skipped", 0))
-        self.num_clipped = int(state_dict.get("num_clipped", 0))
         if "detector" not in state_dict:
+            self.num_skipped = int(state_dict.get("num_skipped", 0))
+            self.num_clipped = int(state_dict.get("num_clipped", 0))
             warnings.warn("SpikeGuard.load_state_dict: no detector state in the checkpoint; starting fresh", stacklevel=2)
             return
         if self.detector is not None:
-            self.detector.load_state_dict(state_dict["detector"])
-        else:
-            self._pending_state = {"detector": state_dict["detector"]}
+            self._restore(state_dict)
+        else:  # restored before the model is built (on_fit_start): applied there
+            self.num_skipped = int(state_dict.get("num_skipped", 0))
+            self.num_clipped = int(state_dict.get("num_clipped", 0))
+            self._pending_state = state_dict
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.num_skipped = int(state.get("num_skipped", 0))
+        self.num_clipped = int(state.get("num_clipped", 0))
+        self.detector.load_state_dict(state["detector"])
+        changed = _changes(state.get("settings"), self._settings())
+        if changed:
+            warnings.warn(
+                f"SpikeGuard: resumed with changed settings ({', '.join(changed)}); the detector's "
+                "statistics, the events and the counters carry over",
+                stacklevel=3,
+            )
+
+
+def _changes(old: Mapping[str, Any] | None, new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for each setting that differs (nested dicts by dotted key)."""
+    if not old:
+        return []
+    out = []
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            out += _changes(before, value, f"{prefix}{key}.")
+        elif key in old and before != value:
+            out.append(f"{prefix}{key}: {before!r} -> {value!r}")
+    return out
+
+
+def _event_metrics(event: SpikeEvent) -> dict[str, float]:
+    out = {keys.metric("spike", "factor"): event.factor, keys.metric("spike", "z"): event.z}
+    pred = event.predicted
+    if pred is not None:
+        out[keys.metric("spike", "predicted_factor")] = pred.factor
+        out[keys.metric("spike", "predicted_k_rec")] = pred.k_rec
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def _find_probe_store(trainer: Any) -> ProbeStore | None:
+    """The store of the trainer's AmplificationProbe (the first, if several), or None."""
+    from spikeguard.callbacks.probe import AmplificationProbe
+
+    probes = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, AmplificationProbe)]
+    if len(probes) > 1:
+        warnings.warn(
+            f"SpikeGuard: {len(probes)} AmplificationProbe callbacks; predictions use the first "
+            f"({probes[0].state_key}); pass SpikeGuard(probes=<probe>.store) to choose",
+            stacklevel=3,
+        )
+    return probes[0].store if probes else None

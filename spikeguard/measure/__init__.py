@@ -1,30 +1,45 @@
-"""Measurement: per-step statistics, the amplification probe, sharpness, precision probe."""
+"""Measurement: per-step statistics, the amplification probe, sharpness, precision probe.
 
-from spikeguard.measure.precision import PRECISION_DTYPES, PrecisionResult, precision_probe
-from spikeguard.measure.probe import CONFIGS, AmplificationProbe, Constants, Observed, ProbeResult
-from spikeguard.measure.sharpness import (
-    Sharpness,
-    adam_preconditioner,
-    hessian_top_eigenvalue,
-    preconditioned_top_eigenvalue,
-    stability,
-)
-from spikeguard.measure.stats import StepStatistics, StepStats
+Submodules load on first use: the data modules (``results``, ``optim``) that records and
+reports need do not pull in the probe's autograd machinery.
+"""
 
-__all__ = [
-    "AmplificationProbe",
-    "ProbeResult",
-    "Observed",
-    "Constants",
-    "CONFIGS",
-    "precision_probe",
-    "PrecisionResult",
-    "PRECISION_DTYPES",
-    "StepStatistics",
-    "StepStats",
-    "Sharpness",
-    "hessian_top_eigenvalue",
-    "preconditioned_top_eigenvalue",
-    "adam_preconditioner",
-    "stability",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: Public name -> the submodule that defines it.
+_EXPORTS = {
+    "AmplificationProbe": "probe",
+    "ProbeResult": "results",
+    "Observed": "results",
+    "Constants": "results",
+    "CONFIGS": "results",
+    "precision_probe": "precision",
+    "PrecisionResult": "precision_result",
+    "PRECISION_DTYPES": "precision_result",
+    "StepStatistics": "stats",
+    "StepStats": "stats",
+    "Sharpness": "sharpness",
+    "hessian_top_eigenvalue": "sharpness",
+    "preconditioned_top_eigenvalue": "sharpness",
+    "optimizer_sharpness": "sharpness",
+    "adam_preconditioner": "sharpness",
+    "stability": "sharpness",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'spikeguard.measure' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"spikeguard.measure.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -17,14 +17,15 @@ first, whose top eigenvalue is ``λ_max + σ`` (see :func:`hessian_top_eigenvalu
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from spikeguard import theory
-from spikeguard._tensor import accum_dtype
+from spikeguard.measure.linalg import Vectors, power_iteration
+from spikeguard.measure.linalg import vnorm as _norm
+from spikeguard.measure.optim import adam_denominator, optimizer_kind
 
 __all__ = [
     "Sharpness",
@@ -32,14 +33,13 @@ __all__ = [
     "adam_preconditioner",
     "preconditioned_top_eigenvalue",
     "stability",
+    "optimizer_sharpness",
     "SUPPORTED_OPTIMIZERS",
 ]
 
 #: Optimizers whose state defines the preconditioner P (AdamW subclasses Adam in torch).
 SUPPORTED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
 _SUPPORTED_NAMES = ["torch.optim.Adam", "torch.optim.AdamW"]
-
-Vectors = list[torch.Tensor]  # one tensor per parameter, shaped like it
 
 
 @dataclass(frozen=True)
@@ -66,21 +66,6 @@ class Sharpness:
     preconditioned: bool
     vector: Vectors | None
     shift: float = 0.0
-
-
-# -- vectors over a list of parameters ----------------------------------------------------
-
-
-def _dot(a: Vectors, b: Vectors) -> float:
-    return float(sum((x.to(accum_dtype(x.dtype)) * y.to(accum_dtype(y.dtype))).sum() for x, y in zip(a, b)))
-
-
-def _norm(a: Vectors) -> float:
-    return math.sqrt(max(_dot(a, a), 0.0))
-
-
-def _scaled(a: Vectors, c: float) -> Vectors:
-    return [x * c for x in a]
 
 
 # -- checks -------------------------------------------------------------------------------
@@ -173,27 +158,11 @@ def _hvp(loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> Cal
 def _power_iteration(
     apply: Callable[[Vectors], Vectors], v: Vectors, iterations: int, tol: float
 ) -> tuple[float, float, Vectors, int, bool]:
-    """Power iteration on a symmetric operator.
-
-    Returns ``(λ, ρ, v, k, converged)``: the Rayleigh quotient ``λ = vᵀAv`` and
-    ``ρ = |Av|`` at the last unit iterate v (``ρ² - λ² = |Av - λv|²``, so ``λ ≈ ρ`` means v
-    is an eigenvector with a positive eigenvalue), the next iterate ``Av/|Av|``, the
-    number k of products used and whether ``|λ_k - λ_{k-1}| < tol·|λ_k|``.
-    """
-    v = _scaled(v, 1 / _norm(v))
-    lam_prev, lam, rho, converged, k = None, 0.0, 0.0, False, 0
-    for k in range(1, iterations + 1):
-        av = apply(v)
-        # .item()-like syncs per iteration are fine: this is a probe, not the training step.
-        lam, rho = _dot(v, av), _norm(av)
-        if rho == 0:  # v is in the null space: the operator is 0 along it, and likely everywhere
-            return 0.0, 0.0, v, k, True
-        v = _scaled(av, 1 / rho)
-        converged = lam_prev is not None and abs(lam - lam_prev) < tol * abs(lam)
-        if converged:
-            break
-        lam_prev = lam
-    return lam, rho, v, k, converged
+    """:func:`spikeguard.measure.linalg.power_iteration` on one symmetric operator:
+    ``(λ, ρ, v, k, converged)``, the Rayleigh quotient and ``|Av|`` at the last iterate, the
+    next iterate, the products used and whether it converged."""
+    out = power_iteration(lambda vs: [apply(vs[0])], [v], iterations, tol)
+    return float(out.values[0]), float(out.norms[0]), out.vectors[0], out.iterations, out.converged
 
 
 def _top_eigenvalue(
@@ -291,19 +260,16 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Iterable[torch
             raise ValueError(
                 f"params[{i}] (shape {tuple(p.shape)}) is not in the optimizer's param_groups"
             )
-        state = optimizer.state.get(p, {})
-        key = "max_exp_avg_sq" if group["amsgrad"] else "exp_avg_sq"
-        if key not in state or "step" not in state:
+        denom = adam_denominator(optimizer, p, group)
+        if denom is None:
+            key = "max_exp_avg_sq" if group["amsgrad"] else "exp_avg_sq"
             raise ValueError(
                 f"optimizer has no Adam state for params[{i}] (shape {tuple(p.shape)}) yet: "
-                f"state has keys {sorted(state)}, needs 'step' and {key!r}, which "
+                f"state has keys {sorted(optimizer.state.get(p, {}))}, needs 'step' and {key!r}, which "
                 "optimizer.step() creates; the preconditioned sharpness needs at least one "
                 "optimizer step first"
             )
-        beta2 = float(group["betas"][1])
-        t = float(state["step"])
-        bias_correction2_sqrt = math.sqrt(1 - beta2**t)
-        out.append((state[key].detach().sqrt() / bias_correction2_sqrt).add_(float(group["eps"])))
+        out.append(denom)
     return out
 
 
@@ -361,3 +327,25 @@ def stability(sharpness: Sharpness, lr: float, optimizer: str = "sgd", beta: flo
             + f", got a {kind} one"
         )
     return {"sharpness": sharpness.value, "threshold": threshold, "ratio": sharpness.value / threshold}
+
+
+def optimizer_sharpness(
+    loss_fn: Callable[[], torch.Tensor],
+    params: Iterable[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    *,
+    iterations: int = 20,
+    tol: float = 1e-3,
+    init: Sequence[torch.Tensor] | None = None,
+) -> Sharpness | None:
+    """The sharpness THEORY §4 tests for this optimizer: preconditioned for Adam, plain otherwise.
+
+    None for Adam before its first step (no second moments yet, nothing to precondition
+    with), and for an Adam-like optimizer (``betas`` in its groups) without Adam's state. Pair the value with :func:`spikeguard.measure.optim.stability_of`.
+    """
+    if optimizer_kind(optimizer)[0] == "adam":
+        try:
+            return preconditioned_top_eigenvalue(loss_fn, params, optimizer, iterations=iterations, tol=tol, init=init)
+        except (ValueError, TypeError):  # no state yet, or an Adam-like optimizer whose state is not Adam's
+            return None
+    return hessian_top_eigenvalue(loss_fn, params, iterations=iterations, tol=tol, init=init)

@@ -9,7 +9,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from spikeguard._tensor import accum_dtype, in_backward, measuring, norm
+from spikeguard import passes
+from spikeguard._tensor import accum_dtype, in_backward, norm
 from spikeguard.operators import OperatorChain, hidden_tensor
 
 __all__ = ["StepStatistics", "StepStats"]
@@ -259,7 +260,7 @@ class StepStatistics:
                 self._msg_nonfinite[i].append(count(g, n))
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if measuring() is not None:
+            if not passes.records_statistics():
                 return  # a probe's or a re-run's passes are not part of the training step
             y = hidden_tensor(output)
             if y is None or not y.is_floating_point():

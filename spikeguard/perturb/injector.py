@@ -16,19 +16,20 @@ output. The Injector realises both with hooks on the operators of an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
 
-from spikeguard._tensor import in_backward, measuring, norm
+from spikeguard import passes
+from spikeguard._tensor import in_backward, norm
 from spikeguard.operators import OperatorChain, hidden_tensor, replace_hidden_tensor
 from spikeguard.perturb.noise import NoiseModel
 from spikeguard.perturb.schedules import Always, Schedule
 
-__all__ = ["Injector", "Perturbation", "Spec", "FORWARD", "BACKWARD"]
+__all__ = ["Injector", "Perturbation", "Applied", "Spec", "FORWARD", "BACKWARD"]
 
 FORWARD = "forward"
 BACKWARD = "backward"
@@ -79,12 +80,18 @@ class Perturbation:
         noise: the noise model.
         schedule: when it is on (default: always).
         direction: ``"forward"`` (δ on the output) or ``"backward"`` (ε on its gradient).
+        transient: the perturbation models a transient fault (hardware, a one-off
+            numerical accident): it does not recur when a spiking step is re-run
+            (:mod:`spikeguard.passes`). False: it is part of the computation (a
+            low-precision format, a data property) and recurs. None: the Injector's
+            default.
     """
 
     operators: str | list[str]
     noise: NoiseModel
     schedule: Schedule = field(default_factory=Always)
     direction: str = FORWARD
+    transient: bool | None = None
 
     def __post_init__(self) -> None:
         if self.direction not in _DIRECTION_CODE:
@@ -93,6 +100,8 @@ class Perturbation:
             raise TypeError(f"Perturbation.noise must be a noise model, got {self.noise!r}")
         if not isinstance(self.schedule, Schedule):
             raise TypeError(f"Perturbation.schedule must be a schedule, got {self.schedule!r}")
+        if self.transient is not None and not isinstance(self.transient, bool):
+            raise TypeError(f"Perturbation.transient must be None, True or False, got {self.transient!r}")
         ops = [self.operators] if isinstance(self.operators, str) else list(self.operators)
         if not ops or not all(isinstance(o, str) and o for o in ops):
             raise ValueError(f"Perturbation.operators must be a name or a non-empty list of names, got {self.operators!r}")
@@ -134,6 +143,34 @@ def _normalise_specs(
     return out
 
 
+class Applied:
+    """What an Injector applied inside one :meth:`Injector.recording` block.
+
+    ``norms(direction)`` gives ``{operator: |δ_i|}`` (or ``|ε_i|``) of the latest
+    application per operator, as 0-dim device tensors; with ``deltas=True`` the δ and ε
+    tensors themselves are kept too (one activation each): ``delta(operator, direction)``.
+    """
+
+    def __init__(self, keep_deltas: bool):
+        self.keep_deltas = keep_deltas
+        self._norms: dict[tuple[str, str], torch.Tensor] = {}
+        self._deltas: dict[tuple[str, str], torch.Tensor] = {}
+
+    def _record(self, name: str, direction: str, delta: torch.Tensor, size: torch.Tensor) -> None:
+        self._norms[(name, direction)] = size
+        if self.keep_deltas:
+            self._deltas[(name, direction)] = delta
+
+    def norms(self, direction: str = FORWARD) -> dict[str, torch.Tensor]:
+        if direction not in _DIRECTION_CODE:
+            raise ValueError(f"direction must be one of {sorted(_DIRECTION_CODE)}, got {direction!r}")
+        return {name: v for (name, d), v in self._norms.items() if d == direction}
+
+    def delta(self, name: str, direction: str = FORWARD) -> torch.Tensor | None:
+        """The latest δ (or ε) applied at ``name``; None when none was (or deltas were not kept)."""
+        return self._deltas.get((name, direction))
+
+
 class Injector:
     """Perturb operator outputs (forward) and gradient messages (backward) on a schedule.
 
@@ -146,6 +183,12 @@ class Injector:
         seed: the perturbations are a function of (seed, step, operator, direction,
             forward-call index within the step) only: bitwise reproducible, independent
             of and never touching the global RNG.
+        transient: the default of :attr:`Perturbation.transient` for every perturbation
+            that does not set it (those of ``forward`` and ``backward`` included).
+
+    Which passes it perturbs is the pass context's rule (:mod:`spikeguard.passes`): every
+    training pass; in a re-run only its persistent perturbations; in a measurement only
+    when it is the measurement's owner.
 
     Usage without Lightning::
 
@@ -173,17 +216,22 @@ class Injector:
         backward: Mapping[str, SpecLike] | None = None,
         seed: int = 0,
         perturbations: Sequence[Perturbation] | None = None,
+        transient: bool = False,
     ):
         if not isinstance(chain, OperatorChain):
             raise TypeError(f"Injector.chain must be an OperatorChain, got {type(chain).__name__}")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"Injector.seed must be an int, got {seed!r}")
+        if not isinstance(transient, bool):
+            raise TypeError(f"Injector.transient must be True or False, got {transient!r}")
         self.chain = chain
         self.seed = seed
         self.specs: dict[str, dict[str, Spec]] = {
             FORWARD: _normalise_specs(chain, forward, FORWARD),
             BACKWARD: _normalise_specs(chain, backward, BACKWARD),
         }
+        #: Per direction, the operators whose perturbation is transient.
+        self.transient: dict[str, set[str]] = {d: (set(self.specs[d]) if transient else set()) for d in _DIRECTION_CODE}
         for i, p in enumerate(perturbations or ()):
             if not isinstance(p, Perturbation):
                 raise TypeError(f"Injector.perturbations[{i}] must be a Perturbation, got {p!r}")
@@ -193,6 +241,8 @@ class Injector:
                         f"Injector.perturbations[{i}]: operator {name!r} already has a {p.direction} perturbation"
                     )
                 self.specs[p.direction][name] = (p.noise, p.schedule)
+                if (transient if p.transient is None else p.transient):
+                    self.transient[p.direction].add(name)
         if not self.specs[FORWARD] and not self.specs[BACKWARD]:
             raise ValueError("Injector needs at least one forward or backward perturbation, got none")
         self.step = 0
@@ -200,13 +250,7 @@ class Injector:
         self._calls: dict[str, int] = {}
         self._last_call: dict[str, int] = {}
         self._applied: dict[tuple[str, str], torch.Tensor] = {}
-        #: When True, ``deltas[(operator, direction)]`` keeps the latest δ or ε tensor
-        #: itself (memory: one activation per perturbed operator); the probe uses it.
-        self.keep_deltas = False
-        self.deltas: dict[tuple[str, str], torch.Tensor] = {}
-        #: Optional switch read at every application: when it returns False nothing is
-        #: perturbed (the Perturb callback keeps transient faults out of re-runs with it).
-        self.gate: Callable[[], bool] | None = None
+        self._recorders: list[Applied] = []
         self._handles: list[Any] = []
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -251,7 +295,6 @@ class Injector:
         self._calls.clear()
         self._last_call.clear()
         self._applied.clear()
-        self.deltas.clear()
 
     @contextmanager
     def only(self, *, forward: bool = True, backward: bool = True) -> Iterator[Injector]:
@@ -268,6 +311,20 @@ class Injector:
             self.enabled = saved
 
     # -- what was applied ------------------------------------------------------------
+
+    @contextmanager
+    def recording(self, deltas: bool = False) -> Iterator[Applied]:
+        """Hand back what is applied inside the block: ``with injector.recording() as applied:``.
+
+        ``deltas=True`` also keeps the δ and ε tensors (memory: one activation per
+        perturbed operator), e.g. for a first-order prediction along them.
+        """
+        rec = Applied(keep_deltas=deltas)
+        self._recorders.append(rec)
+        try:
+            yield rec
+        finally:
+            self._recorders.remove(rec)
 
     def magnitude(self, name: str, direction: str) -> float:
         """The schedule magnitude m_t of an operator and direction at the current step."""
@@ -302,9 +359,10 @@ class Injector:
         with torch.no_grad():
             q, delta = noise(x.detach(), gen, m)
             if record:
-                self._applied[(name, direction)] = norm(delta)
-                if self.keep_deltas:
-                    self.deltas[(name, direction)] = delta
+                size = norm(delta)
+                self._applied[(name, direction)] = size
+                for rec in self._recorders:
+                    rec._record(name, direction, delta, size)
         return q
 
     def _scheduled(self, spec: Spec | None) -> bool:
@@ -328,23 +386,23 @@ class Injector:
                 call = self._calls.get(name, 0)
                 self._calls[name] = call + 1
                 self._last_call[name] = call
-            if self.gate is not None and not self.gate():
-                return None
-            owner = measuring()
-            if owner is not None and owner is not self:
-                return None  # another measurement's passes (a probe of its own Injector)
+            # The pass this forward belongs to decides, now, for the forward and for the
+            # gradient hook registered below (which may run on another thread).
+            now = passes.current()
+            forward_on = passes.applies(self, name in self.transient[FORWARD], now)
+            backward_on = passes.applies(self, name in self.transient[BACKWARD], now)
             new = y
-            if self.enabled[FORWARD] and self._scheduled(forward_spec):
+            if forward_on and self.enabled[FORWARD] and self._scheduled(forward_spec):
                 perturb = lambda x: self._perturb(x, name, index, FORWARD, call, not recompute)  # noqa: E731
                 new = _PerturbedOutput.apply(y, perturb) if y.requires_grad else perturb(y)
-            if new.requires_grad and self._scheduled(backward_spec):
+            if backward_on and new.requires_grad and self._scheduled(backward_spec):
                 # Registered in the original forward and (harmlessly, it never fires) in a
                 # non-reentrant recompute; in a reentrant recompute this is the one that fires.
                 # The backward switch is read when the gradient arrives, so one forward can
                 # serve a clean and a perturbed backward (the probe relies on it).
                 new.register_hook(
                     lambda g: self._perturb(g, name, index, BACKWARD, call, record=True)
-                    if self.enabled[BACKWARD] and (self.gate is None or self.gate())
+                    if self.enabled[BACKWARD]
                     else None
                 )
             return None if new is y else replace_hidden_tensor(output, new)

@@ -6,13 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from spikeguard import paths
+
 __all__ = ["add_parser", "run"]
 
-_DESCRIPTION = """\
+# The file names come from spikeguard.paths, the one place that spells them.
+_DESCRIPTION = f"""\
 Write a self-contained HTML report (figures inline, no network) of a run that used
-SpikeGuard. RUN_DIR is the run's log directory, which holds Lightning's metrics.csv
-(CSVLogger) and spikeguard/events.jsonl, optionally spikeguard/probes.jsonl and
-hparams.yaml; a directory with exactly one such run below it (e.g. lightning_logs)
+SpikeGuard. RUN_DIR is the run's log directory, which holds Lightning's {paths.METRICS}
+(CSVLogger) and {paths.ARTIFACTS}/{paths.EVENTS}, optionally {paths.ARTIFACTS}/{paths.PROBES} and
+{paths.HPARAMS}; a directory with exactly one such run below it (e.g. lightning_logs)
 works too. Sections:
 
   1  loss and gradient norm over steps, spikes marked, predicted versus observed recovery
@@ -35,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run's log directory (or one with a single run below it)")
     parser.add_argument(
         "--out", type=Path, default=None, metavar="FILE",
-        help="the HTML file to write (default: RUN_DIR/spikeguard/report.html)",
+        help=f"the HTML file to write (default: RUN_DIR/{paths.ARTIFACTS}/{paths.REPORT})",
     )
     parser.set_defaults(func=run)
     return parser
@@ -43,7 +46,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Write the report; 0 on success, 2 (message on stderr) when the run cannot be used."""
-    from spikeguard.report import ReportError, build_report, find_run
+    from spikeguard.report import build_report
+    from spikeguard.report.errors import ReportError
+    from spikeguard.rundir import find_run
 
     try:
         found = find_run(args.run_dir)

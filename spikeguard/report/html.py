@@ -1,4 +1,8 @@
-"""The offline report: one self-contained HTML page (inline CSS, PNG figures as data URIs)."""
+"""The offline report: one self-contained HTML page (inline CSS, PNG figures as data URIs).
+
+The run is read by :func:`spikeguard.rundir.load_run` (typed events and probe records), the
+same reader the dashboard and the demo use, so the page shows what they see.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,11 @@ from typing import Any
 
 import spikeguard
 from spikeguard import keys
-from spikeguard.measure.probe import CONFIGS
-from spikeguard.report.run import EVENTS, PROBES, MissingDependency, ReportError, Run, load_run, num
+from spikeguard.measure.results import CONFIGS
+from spikeguard.paths import RunPaths
+from spikeguard.records import ProbeRecord, SpikeEvent, SpikePrediction
+from spikeguard.report.errors import MissingDependency, ReportError
+from spikeguard.rundir import EVENTS, PROBES, Run, load_run, num
 
 __all__ = ["SECTIONS", "build_report", "render"]
 
@@ -73,23 +80,25 @@ footer { color: var(--muted); font-size: 12.5px; text-align: center; margin-top:
 """
 
 
-def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def build_report(run_dir: str | Path | Run, out: str | Path | None = None) -> Path:
     """Write the offline HTML report of a run that used SpikeGuard and return its path.
 
     Args:
         run_dir: the run's log directory (``metrics.csv``, ``spikeguard/events.jsonl``,
             optionally ``spikeguard/probes.jsonl`` and ``hparams.yaml``), or a directory
-            with exactly one such run below it (e.g. ``lightning_logs``).
-        out: the HTML file to write (default ``<run dir>/spikeguard/report.html``).
+            with exactly one such run below it (e.g. ``lightning_logs``); or a
+            :class:`~spikeguard.rundir.Run` already loaded (the demo reads the run once).
+        out: the HTML file to write (default ``RunPaths.at(run dir).report``,
+            ``<run dir>/spikeguard/report.html``).
 
     Raises:
         ReportError: (a ``ValueError``) no such run, several runs below ``run_dir``, or
             an unreadable file; the message says which and why. Without matplotlib,
             :class:`MissingDependency`, both a ReportError and an ``ImportError``.
     """
-    run = load_run(run_dir)
+    run = run_dir if isinstance(run_dir, Run) else load_run(run_dir)
     page = render(run)
-    path = Path(out) if out is not None else run.dir / keys.PREFIX / "report.html"
+    path = Path(out) if out is not None else RunPaths.at(run.dir).report
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(page, encoding="utf-8")
@@ -150,9 +159,9 @@ def _badge(text: str | None, css: str | None = None) -> str:
     return f'<span class="badge {escape(css or text)}">{escape(text.replace("_", " "))}</span>'
 
 
-def _spikes(run: Run) -> list[dict[str, Any]]:
+def _spikes(run: Run) -> list[SpikeEvent]:
     """Spikes proper: the loss, the global norm or a non-finite value (not operator-only anomalies)."""
-    return [e for e in run.events if e["kind"] != "operator"]
+    return [e for e in run.events if e.kind != "operator"]
 
 
 # -- header ----------------------------------------------------------------------------------
@@ -161,12 +170,12 @@ def _spikes(run: Run) -> list[dict[str, Any]]:
 def _header(run: Run) -> str:
     steps = run.steps
     spikes = _spikes(run)
-    kinds = Counter(e["kind"] for e in run.events)
+    kinds = Counter(e.kind for e in run.events)
     found = ""
     if run.dir.resolve() != run.requested.resolve():
         found = f"<br>(the only run that used SpikeGuard below {escape(str(run.requested))})"
     files = ", ".join(f"<code>{escape(name)}</code>" + ("" if present else " (absent)") for name, present in run.files.items())
-    recovered = sum(e.get("outcome") == "recovered" for e in spikes)
+    recovered = sum(e.outcome == "recovered" for e in spikes)
     tiles = [
         ("steps", f"{steps[0]}–{steps[1]}" if steps else "—", ""),
         ("spikes", str(len(spikes)), "alert" if spikes else "ok"),
@@ -266,33 +275,37 @@ def _section_amplification(run: Run, plots: Any) -> str:
         )
     latest = run.probes[-1]
     body = [
-        f"<p>The latest of {len(run.probes)} probe{'s' if len(run.probes) != 1 else ''} (step {latest['step']}): "
+        f"<p>The latest of {len(run.probes)} probe{'s' if len(run.probes) != 1 else ''} (step {latest.step}): "
         "per operator, the observed parameter-gradient error d_i next to Proposition 1's bound and, where measured, "
         "the first-order prediction, for forward, backward and both perturbations; faint lines are earlier probes."
-        + (" Operators are numbered as in the table below." if len(latest["names"]) > plots.MAX_NAMED_OPERATORS else "")
+        + (" Operators are numbered as in the table below." if len(latest.names) > plots.MAX_NAMED_OPERATORS else "")
         + "</p>",
         _figure(plots.amplification(run), "observed versus predicted amplification against depth"),
         _figure(plots.amplification_constants(run), "A^f and A^b per operator"),
         "<h3>Constants at the latest probe</h3>",
         _constants_table(latest),
     ]
-    notes = latest.get("notes") or []
+    notes = latest.result.notes
     if notes:
         body.append('<p class="note">Probe notes: ' + "; ".join(escape(str(n)) for n in notes) + ".</p>")
     return _section(SECTIONS[2], "".join(body), "amplification")
 
 
-def _constants_table(probe: dict[str, Any]) -> str:
-    c, amp, names = probe["constants"], probe["amplification"], probe["names"]
-    configs = [k for k in CONFIGS if k in probe["observed"]]
+def _constants_table(probe: ProbeRecord) -> str:
+    result = probe.result
+    c, names = result.constants, probe.names
+    gains, param_gains = c.gains.tolist(), c.param_gains.tolist()
+    forward, backward = result.amplification.forward.tolist(), result.amplification.backward.tolist()
+    configs = [k for k in CONFIGS if k in result.observed]
+    tightness = {k: result.observed[k].tightness.tolist() for k in configs}
     # Header cells are markup (sub/superscripts); only the configuration names come from the file.
     head = ["#", "operator", "<i>L<sub>i</sub></i> (gain)", "<i>M<sub>i</sub></i>", "<i>A<sup>f</sup></i>", "<i>A<sup>b</sup></i>",
             "<i>A<sup>f</sup></i> / <i>A<sup>b</sup></i>"] + [f"<i>d<sub>i</sub></i> / bound ({escape(k)})" for k in configs]
     rows = []
     for i, name in enumerate(names):
-        af, ab = num(amp["forward"][i]), num(amp["backward"][i])
-        cells = [c["gains"][i], c["param_gains"][i], af, ab, af / ab if ab > 0 else math.nan]
-        cells += [probe["observed"][k]["tightness"][i] for k in configs]
+        af, ab = num(forward[i]), num(backward[i])
+        cells = [gains[i], param_gains[i], af, ab, af / ab if ab > 0 else math.nan]
+        cells += [tightness[k][i] for k in configs]
         rows.append(f'<tr><td class="num">{i}</td><td><code>{escape(name)}</code></td>' + "".join(f'<td class="num">{_fmt(v)}</td>' for v in cells) + "</tr>")
     thead = f'<th class="num">#</th><th>{head[1]}</th>' + "".join(f'<th class="num">{h}</th>' for h in head[2:])
     return f'<div class="scroll"><table><thead><tr>{thead}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
@@ -335,27 +348,29 @@ def _section_events(run: Run) -> str:
         return _section(SECTIONS[4], f'<p class="empty">No spike events were recorded in this run{where}.</p>', "events")
     rows = []
     for e in run.events:
-        p = e.get("predicted") or {}
-        k_rec = num(p.get("k_rec"))
-        predicted_title = escape(str(p.get("reason") or p.get("note") or ""), quote=True)
-        factor_title = escape(f"bound ×{_fmt(p.get('factor_bound'))}" if "factor_bound" in p else str(p.get("note", "")), quote=True)
-        origin = f"<code>{escape(e['origin'])}</code>" if e.get("origin") else "—"
-        direction = f' <span class="dir">{escape(e["direction"])}</span>' if e.get("direction") else ""
+        p = e.predicted if e.predicted is not None else SpikePrediction()  # none made: every field unknown
+        # num(): a log written before the typed records may hold null where nan is meant.
+        factor, factor_bound, k_rec = num(p.factor), num(p.factor_bound), num(p.k_rec)
+        notes = "; ".join(str(n) for n in p.notes)
+        predicted_title = escape(p.reason or notes, quote=True)
+        factor_title = escape(f"bound ×{_fmt(factor_bound)}" if not math.isnan(factor_bound) else notes, quote=True)
+        origin = f"<code>{escape(e.origin)}</code>" if e.origin else "—"
+        direction = f' <span class="dir">{escape(e.direction)}</span>' if e.direction else ""
         cells = [
-            f'<td class="num">{e["step"]}</td>',
-            f"<td>{escape(e['kind'])}</td>",
-            f'<td class="num">{_fmt(e.get("z"))}</td>',
-            f'<td class="num">×{_fmt(e.get("factor"))}</td>',
+            f'<td class="num">{e.step}</td>',
+            f"<td>{escape(e.kind)}</td>",
+            f'<td class="num">{_fmt(e.z)}</td>',
+            f'<td class="num">×{_fmt(e.factor)}</td>',
             f'<td class="origin">{origin}{direction}</td>',
-            f'<td class="num group" title="{factor_title}">' + (f"×{_fmt(p['factor'])}" if "factor" in p else "—") + "</td>",
-            f'<td title="{predicted_title}">{_badge(p.get("outcome"))}</td>',
+            f'<td class="num group" title="{factor_title}">' + (f"×{_fmt(factor)}" if not math.isnan(factor) else "—") + "</td>",
+            f'<td title="{predicted_title}">{_badge(p.outcome)}</td>',
             f'<td class="num">{f"{k_rec:.0f}" if math.isfinite(k_rec) else "—"}</td>',
-            f'<td class="group">{escape(e.get("action") or "none")}</td>',
-            f"<td>{escape(e.get('rerun') or '—')}</td>",
-            f'<td class="group">{_badge(e.get("outcome"))}</td>',
-            f'<td class="num">{e["recovery_steps"] if e.get("recovery_steps") is not None else "—"}</td>',
+            f'<td class="group">{escape(e.action or "none")}</td>',
+            f"<td>{escape(e.rerun or '—')}</td>",
+            f'<td class="group">{_badge(e.outcome)}</td>',
+            f'<td class="num">{e.recovery_steps if e.recovery_steps is not None else "—"}</td>',
         ]
-        css = ' class="minor"' if e["kind"] == "operator" else ""
+        css = ' class="minor"' if e.kind == "operator" else ""
         rows.append(f"<tr{css}>{''.join(cells)}</tr>")
     thead = (
         '<tr><th rowspan="2" class="num">step</th><th rowspan="2">kind</th><th rowspan="2" class="num">z</th>'

@@ -1,4 +1,8 @@
-"""The report's figures: matplotlib (Agg, no pyplot), each returned as a PNG data URI."""
+"""The report's figures: matplotlib (Agg, no pyplot), each returned as a PNG data URI.
+
+Figures read the typed records of :class:`spikeguard.rundir.Run` (events, probe records),
+with tensors turned into lists where matplotlib and numpy want plain numbers.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ from matplotlib.lines import Line2D
 from matplotlib.transforms import blended_transform_factory
 
 from spikeguard import keys
-from spikeguard.measure.probe import CONFIGS
-from spikeguard.report.run import Run, num
+from spikeguard.measure.results import CONFIGS
+from spikeguard.records import ProbeRecord, SpikeEvent
+from spikeguard.rundir import Run, num
 
 __all__ = [
     "amplification", "amplification_constants", "loss_and_grad_norm", "operator_heatmap", "stability",
@@ -106,22 +111,22 @@ def loss_and_grad_norm(run: Run) -> Figure | None:
 
         labelled = len(run.events) <= 12
         for event in run.events:
-            colour = OPERATOR_EVENT if event["kind"] == "operator" else SPIKE
-            step = event["step"]
+            colour = OPERATOR_EVENT if event.kind == "operator" else SPIKE
+            step, loss_at, grad_at = event.step, num(event.loss), num(event.grad_norm)
             for ax in (top, bottom):
                 ax.axvline(step, color=colour, lw=0.9, alpha=0.35, zorder=0)
-            if _finite(event.get("loss")):
-                top.plot(step, num(event["loss"]), "v", color=colour, ms=8, mec="white", zorder=5)
+            if math.isfinite(loss_at):
+                top.plot(step, loss_at, "v", color=colour, ms=8, mec="white", zorder=5)
                 if labelled:
-                    top.annotate(f"{step}", (step, num(event["loss"])), xytext=(6, 2), textcoords="offset points",
+                    top.annotate(f"{step}", (step, loss_at), xytext=(6, 2), textcoords="offset points",
                                  color=colour, fontsize=9, fontweight="bold")
-            if _finite(event.get("grad_norm")) and num(event["grad_norm"]) > 0:
-                bottom.plot(step, num(event["grad_norm"]), "v", color=colour, ms=8, mec="white", zorder=5)
+            if math.isfinite(grad_at) and grad_at > 0:
+                bottom.plot(step, grad_at, "v", color=colour, ms=8, mec="white", zorder=5)
         _recovery_spans(top, run.events, span, labelled)
 
         # One legend above the plot: inside, it would cover a spike wherever the spike is.
         handles = top.get_legend_handles_labels()[0] + bottom.get_legend_handles_labels()[0]
-        kinds = {e["kind"] == "operator" for e in run.events}
+        kinds = {e.kind == "operator" for e in run.events}
         if False in kinds:
             handles += [
                 Line2D([], [], marker="v", ls="", color=SPIKE, ms=8, label="spike (loss, grad_norm, nonfinite)"),
@@ -144,21 +149,21 @@ def loss_and_grad_norm(run: Run) -> Figure | None:
     return fig
 
 
-def _recovery_spans(ax: Any, events: list[dict[str, Any]], span: tuple[int, int], labelled: bool) -> None:
+def _recovery_spans(ax: Any, events: list[SpikeEvent], span: tuple[int, int], labelled: bool) -> None:
     """Per spike, a bar from the spike over k_rec steps (predicted) and over the observed recovery."""
     to_axes = blended_transform_factory(ax.transData, ax.transAxes)
     first, last = span
     for event in events:
-        if event["kind"] == "operator":
+        if event.kind == "operator":
             continue  # an operator-only anomaly moved neither the loss nor |G|: nothing to recover from
-        step, predicted = event["step"], event.get("predicted") or {}
-        k_rec = num(predicted.get("k_rec"))
+        step, predicted = event.step, event.predicted  # None: no prediction was made
+        k_rec = num(predicted.k_rec) if predicted is not None else math.nan
         rows = []
-        if predicted.get("outcome") == "diverge":
+        if predicted is not None and predicted.outcome == "diverge":
             rows.append((0.95, math.inf, PREDICTED, "predicted: diverge"))
         elif math.isfinite(k_rec):
             rows.append((0.95, step + k_rec, PREDICTED, f"k_rec ≈ {k_rec:.0f}"))
-        outcome, steps = event.get("outcome"), event.get("recovery_steps")
+        outcome, steps = event.outcome, event.recovery_steps
         if outcome == "recovered" and steps is not None:
             rows.append((0.885, step + int(steps), RECOVERED, f"{int(steps)} step{'s' if int(steps) != 1 else ''}"))
         elif outcome in ("diverged", "not_recovered"):
@@ -225,8 +230,8 @@ def operator_heatmap(run: Run) -> Figure | None:
             ax.set_title(title, loc="left", pad=14)
             to_axes = blended_transform_factory(ax.transData, ax.transAxes)
             for event in run.events:  # an arrow above the panel at each event
-                colour = OPERATOR_EVENT if event["kind"] == "operator" else SPIKE
-                ax.annotate("", xy=(event["step"], 1.0), xycoords=to_axes, xytext=(0, 11), textcoords="offset points",
+                colour = OPERATOR_EVENT if event.kind == "operator" else SPIKE
+                ax.annotate("", xy=(event.step, 1.0), xycoords=to_axes, xytext=(0, 11), textcoords="offset points",
                             arrowprops={"arrowstyle": "-|>", "color": colour, "lw": 1.5})
             for side in ("top", "right"):
                 ax.spines[side].set_visible(False)
@@ -245,8 +250,8 @@ def _operator_labels(names: list[str]) -> list[str]:
 # -- 3. amplification against depth ----------------------------------------------------------
 
 
-def _config_order(probe: dict[str, Any]) -> list[str]:
-    return [c for c in CONFIGS if c in probe["observed"]]
+def _config_order(probe: ProbeRecord) -> list[str]:
+    return [c for c in CONFIGS if c in probe.result.observed]
 
 
 #: Beyond this many operators a panel a third of the page wide labels its x axis by index.
@@ -269,12 +274,13 @@ def _depth_axis(ax: Any, names: list[str], width: str = "full") -> None:
                   fontsize=size, rotation_mode="anchor" if rotation < 90 else "default")
 
 
-def _earlier(run: Run, names: list[str]) -> list[dict[str, Any]]:
+def _earlier(run: Run, names: list[str]) -> list[ProbeRecord]:
     """The most recent earlier probes over the same operators."""
-    return [p for p in run.probes[:-1] if list(p["names"]) == names][-NUM_EARLIER_PROBES:]
+    return [p for p in run.probes[:-1] if list(p.names) == names][-NUM_EARLIER_PROBES:]
 
 
 def _log_values(values: list[Any]) -> np.ndarray:
+    """Numbers (a tensor's ``.tolist()``) as an array for a log axis."""
     out = np.array([num(v) for v in values], dtype=float)
     out[~(out > 0)] = np.nan  # zero or missing: no point on a log axis
     return out
@@ -285,7 +291,7 @@ def amplification(run: Run) -> Figure | None:
     if not run.probes:
         return None
     latest = run.probes[-1]
-    names = list(latest["names"])
+    names = list(latest.names)
     configs = _config_order(latest)
     x = np.arange(len(names))
     with _style():
@@ -293,18 +299,18 @@ def amplification(run: Run) -> Figure | None:
         axes = fig.subplots(1, len(configs), sharey=True, squeeze=False)[0]
         fig.get_layout_engine().set(wspace=0.04)
         for ax, config in zip(axes, configs):
-            obs = latest["observed"][config]
+            obs = latest.result.observed[config]
             colour = CONFIG_COLOURS.get(config, INK)
             for earlier in _earlier(run, names):
-                if config in earlier["observed"]:
-                    ax.plot(x, _log_values(earlier["observed"][config]["d"]), color=colour, lw=0.8, alpha=0.22)
-            ax.plot(x, _log_values(obs["bound"]["d"]), color=INK, lw=1.6, ls="-", marker="s", ms=5, label="Proposition 1 bound")
-            if obs.get("linear"):
-                ax.plot(x, _log_values(obs["linear"]["d"]), color=PREDICTED, lw=1.4, ls="--", marker="^", ms=5,
+                if config in earlier.result.observed:
+                    ax.plot(x, _log_values(earlier.result.observed[config].d.tolist()), color=colour, lw=0.8, alpha=0.22)
+            ax.plot(x, _log_values(obs.bound.d.tolist()), color=INK, lw=1.6, ls="-", marker="s", ms=5, label="Proposition 1 bound")
+            if obs.linear is not None:
+                ax.plot(x, _log_values(obs.linear.d.tolist()), color=PREDICTED, lw=1.4, ls="--", marker="^", ms=5,
                         label="linear prediction")
-            ax.plot(x, _log_values(obs["d"]), color=colour, lw=2, marker="o", ms=6, label=f"observed, {config}")
+            ax.plot(x, _log_values(obs.d.tolist()), color=colour, lw=2, marker="o", ms=6, label=f"observed, {config}")
             ax.set_yscale("log")
-            ax.set_title(f"{config}: m = {num(obs.get('m')):.3g}", loc="left")
+            ax.set_title(f"{config}: m = {num(obs.m):.3g}", loc="left")
             _depth_axis(ax, names, "third" if len(configs) > 1 else "full")
         axes[0].set_ylabel("parameter-gradient error $d_i$")
         if _earlier(run, names):
@@ -324,7 +330,7 @@ def amplification_constants(run: Run) -> Figure | None:
     if not run.probes:
         return None
     latest = run.probes[-1]
-    names = list(latest["names"])
+    names = list(latest.names)
     x = np.arange(len(names))
     width = 0.38
     with _style():
@@ -332,15 +338,16 @@ def amplification_constants(run: Run) -> Figure | None:
         ax = fig.subplots()
         for offset, field, label, colour in ((-width / 2, "forward", "$A^f$ (forward)", CONFIG_COLOURS["forward"]),
                                              (width / 2, "backward", "$A^b$ (backward)", CONFIG_COLOURS["backward"])):
-            values = _log_values(latest["amplification"][field])
+            values = _log_values(getattr(latest.result.amplification, field).tolist())
             ax.bar(x + offset, np.nan_to_num(values, nan=0.0), width, color=colour, alpha=0.85, label=label)
             for earlier in _earlier(run, names):
-                ax.plot(x + offset, _log_values(earlier["amplification"][field]), "_", color=INK, ms=10, alpha=0.45)
+                ax.plot(x + offset, _log_values(getattr(earlier.result.amplification, field).tolist()), "_", color=INK, ms=10,
+                        alpha=0.45)
         if _earlier(run, names):
             ax.plot([], [], "_", color=INK, ms=10, alpha=0.45, label="earlier probes")
         ax.set_yscale("log")
         ax.set_ylabel("amplification of a unit perturbation")
-        ax.set_title(f"$A^f$ and $A^b$ per operator (probe at step {latest['step']})", loc="left")
+        ax.set_title(f"$A^f$ and $A^b$ per operator (probe at step {latest.step})", loc="left")
         _depth_axis(ax, names)
         ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, borderaxespad=0.3)
     return fig
@@ -350,19 +357,23 @@ def amplification_constants(run: Run) -> Figure | None:
 
 
 def stability_series(run: Run) -> tuple[dict[str, tuple[list[int], list[float]]], tuple[list[int], list[float]] | None]:
-    """m per configuration and the sharpness ratio over steps: from metrics.csv, else probes.jsonl."""
+    """m per configuration and the sharpness ratio over steps: from metrics.csv, else probes.jsonl.
+
+    The ratio from a probe record is ``record.stability.ratio`` (None when the sharpness
+    was not measured at that probe), the number the callbacks log and predictions use.
+    """
     m = {c: run.metrics[keys.probe_metric(c, "m")] for c in CONFIGS if keys.probe_metric(c, "m") in run.metrics}
     if not m:
         for probe in run.probes:
-            for config, obs in probe["observed"].items():
-                if _finite(obs.get("m")):
+            for config, obs in probe.result.observed.items():
+                if _finite(obs.m):
                     steps, values = m.setdefault(config, ([], []))
-                    steps.append(int(probe["step"]))
-                    values.append(num(obs["m"]))
+                    steps.append(probe.step)
+                    values.append(num(obs.m))
     sharp = run.series(keys.metric("probe", "sharpness_ratio"))
     ratio = (sharp[1], sharp[2]) if sharp else None
     if ratio is None:
-        kept = [(int(p["step"]), num(p.get("sharpness", {}).get("sharpness_ratio"))) for p in run.probes]
+        kept = [(p.step, num(p.stability.ratio if p.stability is not None else None)) for p in run.probes]
         kept = [(s, v) for s, v in kept if math.isfinite(v)]
         ratio = ([s for s, _ in kept], [v for _, v in kept]) if kept else None
     return m, ratio

@@ -45,4 +45,4 @@ def test_ddp_two_processes_decide_alike_and_write_one_log(tmp_path):
     assert BURST in ranks[0]["events"]
     logs = [os.path.join(root, f) for root, _, files in os.walk(tmp_path) for f in files if f == "events.jsonl"]
     assert len(logs) == 1  # rank 0 writes, the other ranks do not
-    assert [e["step"] for e in read_events(logs[0])] == ranks[0]["events"]
+    assert [e.step for e in read_events(logs[0])] == ranks[0]["events"]

@@ -9,7 +9,7 @@ from helpers import tiny_data, tiny_lm, trainer
 
 from spikeguard import keys
 from spikeguard.callbacks import AmplificationProbe, Perturb, SpikeGuard
-from spikeguard.callbacks._base import CallbackBase, shared
+from spikeguard.callbacks._base import CallbackBase
 from spikeguard.perturb import Always, Burst, Every, Gaussian, Perturbation, Rounding, Scale
 
 
@@ -110,17 +110,25 @@ def test_probe_runs_on_schedule_logs_writes_and_publishes(tmp_path):
     logger = CSVLogger(str(tmp_path), name="run")
     t = trainer(max_steps=25, callbacks=[probe], logger=logger, default_root_dir=str(tmp_path))
     t.fit(tiny_lm(), tiny_data())
-    assert probe.num_probes == 3  # steps 0, 10, 20
+    assert probe.num_probes == 3  # steps 0, 10, 20, each before that step's update
     with open(os.path.join(logger.log_dir, "spikeguard", "probes.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    assert [r["step"] for r in records] == [0, 10, 20]
-    # After the first optimizer step: Adam's state exists, the preconditioned sharpness too.
-    for r in records:
-        assert r["sharpness"]["sharpness"] > 0
-        assert r["sharpness"]["sharpness_ratio"] == pytest.approx(r["sharpness"]["sharpness"] / r["sharpness"]["stability_threshold"])
-    prediction = shared(t).prediction
-    assert prediction.names == tuple(records[-1]["names"]) and prediction.optimizer == "adam"
-    assert prediction.lr > 0 and prediction.grad_norm > 0 and prediction.steady_m == 0.0
+    assert [r["step"] for r in records] == [0, 10, 20] and all(r["type"] == "probe" for r in records)
+    # Step 0 runs before Adam's first step: no second moments, no preconditioned sharpness.
+    assert records[0]["stability"] is None
+    for r in records[1:]:
+        assert r["stability"]["sharpness"] > 0 and r["stability"]["preconditioned"]
+        assert r["stability"]["ratio"] == pytest.approx(r["stability"]["sharpness"] / r["stability"]["threshold"])
+    # The store holds the same records, typed, for SpikeGuard's predictions.
+    latest = probe.store.latest()
+    assert [r.step for r in probe.store.records] == [0, 10, 20]
+    assert latest.names == tuple(records[-1]["names"]) and latest.optimizer.kind == "adam"
+    assert latest.optimizer.lr == pytest.approx(1e-3) and latest.optimizer.effective_lr > 0
+    assert latest.result.observed["both"].grad_norm > 0 and not latest.steady
+    # The logged ratio is the one an outcome is decided with: threshold at the configured γ.
+    from spikeguard import theory
+
+    assert latest.stability.threshold == pytest.approx(theory.stability_threshold(1e-3, "adam", 0.9))
     import csv
 
     rows = list(csv.DictReader(open(os.path.join(logger.log_dir, "metrics.csv"))))
@@ -144,7 +152,9 @@ def test_probe_state_dict_round_trip():
     other = AmplificationProbe(every_n_steps=7)
     other.load_state_dict(probe.state_dict())
     assert (other.num_probes, other._last_step) == (4, 21)
-    assert probe.state_key == "AmplificationProbe{'every_n_steps': 7, 'seed': 0}"
+    # Settings stay out of the key: a resume with another period keeps the store.
+    assert probe.state_key == AmplificationProbe(every_n_steps=50).state_key == "AmplificationProbe"
+    assert AmplificationProbe(name="fp8").state_key == "AmplificationProbe[fp8]"
 
 
 @pytest.mark.parametrize(
@@ -191,7 +201,7 @@ def test_probe_passes_leave_training_statistics_and_injectors_alone(tmp_path):
     """SpikeGuard's statistics and Perturb's faults sit out the probe's passes."""
     perturb = Perturb(forward={"transformer.ln_f": (Scale(1e3), Always())})
     probe = AmplificationProbe(every_n_steps=2, linearize=False)
-    guard = SpikeGuard(log_every_n_steps=1, warmup=2, window=8)
+    guard = SpikeGuard(log_every_n_steps=1, detector=dict(warmup=2, window=8))
     trainer(max_steps=12, callbacks=[guard, probe], default_root_dir=str(tmp_path)).fit(tiny_lm(), tiny_data())
     assert guard.events == []  # no probe pass counted as a training step
     # The probe's own clean pass ran without Perturb's ×1000 (its m would be enormous).

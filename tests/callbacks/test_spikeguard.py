@@ -53,14 +53,14 @@ def test_burst_is_detected_attributed_predicted_and_recovers(tmp_path, direction
     event = spikes[0]
     assert event.kind == "grad_norm" and event.factor > 3
     assert (event.origin, event.direction) == (operator, direction)
-    assert event.predicted["source"] == "probe"  # constants of the step-100 probe
-    assert event.predicted["outcome"] == "recover"
-    assert event.predicted["factor"] > 1 and event.predicted["factor_bound"] >= event.predicted["factor"]
+    assert event.predicted.source == "probe" and event.predicted.probe_step == 100  # measured before the burst
+    assert event.predicted.outcome == "recover"
+    assert event.predicted.factor > 1 and event.predicted.factor_bound >= event.predicted.factor
     assert event.outcome == "recovered" and event.recovery_steps is not None and event.recovery_steps >= 1
     # The same event, with its outcome, is in the run's log.
     logged = read_events(os.path.join(tmp_path, "spikeguard", "events.jsonl"))
-    assert (BURST_STEP, operator, "recovered") in [(e["step"], e["origin"], e["outcome"]) for e in logged]
-    assert len(logged) == len(guard.events)
+    assert (BURST_STEP, operator, "recovered") in [(e.step, e.origin, e.outcome) for e in logged]
+    assert [e.to_dict() for e in logged] == [e.to_dict() for e in guard.events]  # the log holds the events, whole
 
 
 def test_no_perturbation_no_event_and_metrics_logged(tmp_path):
@@ -229,7 +229,7 @@ def test_resume_gives_the_same_detector_state_and_events(tmp_path):
         assert torch.equal(getattr(resumed.detector, key), getattr(full.detector, key)), key
     # One log, no duplicates: the part before the checkpoint and the resumed part.
     logged = read_events(os.path.join(tmp_path / "part", "spikeguard", "events.jsonl"))
-    assert [e["step"] for e in logged] == [e.step for e in full.events]
+    assert [e.step for e in logged] == [e.step for e in full.events]
 
 
 def test_state_dict_round_trip():
@@ -243,17 +243,22 @@ def test_state_dict_round_trip():
         warnings.simplefilter("always")
         SpikeGuard().load_state_dict({"num_skipped": 0})
     assert "no detector state in the checkpoint; starting fresh" in str(caught[0].message)
-    assert guard.state_key == "SpikeGuard{'action': 'none', 'threshold': 6.0, 'window': 128}"
+    # Settings stay out of the key, so a resume with another action or threshold finds its state.
+    assert guard.state_key == SpikeGuard(action="skip", detector=dict(threshold=4.0)).state_key == "SpikeGuard"
+    assert SpikeGuard(name="second").state_key == "SpikeGuard[second]"
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         (dict(action="panic"), "SpikeGuard.action must be one of ['none', 'clip', 'skip'], got 'panic'"),
-        (dict(threshold=0), "SpikeGuard.threshold must be a number > 0, got 0"),
-        (dict(window=0), "SpikeGuard.window must be an int >= 1, got 0"),
-        (dict(warmup=500), "SpikeGuard.warmup must be <= window=128, got 500"),
-        (dict(min_factor=0.5), "SpikeGuard.min_factor must be a number >= 1, got 0.5"),
+        (dict(detector=dict(threshold=0)), "SpikeGuard.detector.threshold must be a finite number > 0, got 0"),
+        (dict(detector=dict(window=0)), "SpikeGuard.detector.window must be an int >= 1, got 0"),
+        (dict(detector=dict(warmup=500)), "SpikeGuard.detector.warmup must be <= window=128, got 500"),
+        (dict(detector=dict(min_factor=0.5)), "SpikeGuard.detector.min_factor must be a finite number >= 1, got 0.5"),
+        (dict(detector=dict(windw=64)), "SpikeGuard.detector.windw is not a setting (did you mean 'window'?); got windw=64"),
+        (dict(detector=dict(kappa=-1.0)), "SpikeGuard.detector.kappa must be a finite number > 0, got -1.0"),
+        (dict(max_consecutive_skips=0), "SpikeGuard.max_consecutive_skips must be an int >= 1, got 0"),
         (dict(rerun_tolerance=0), "SpikeGuard.rerun_tolerance must be > 0, got 0"),
         (dict(log_every_n_steps=0), "SpikeGuard.log_every_n_steps must be None or an int >= 1, got 0"),
     ],
@@ -288,7 +293,7 @@ def test_setup_preconditions_name_what_is_available(tmp_path):
         trainer(max_steps=2, callbacks=[SpikeGuard()], default_root_dir=str(tmp_path)).fit(Opaque())
     with pytest.raises(ValueError, match=r"model_attr='net': Opaque has no submodule of that name; its children are \['blocks'\]"):
         trainer(max_steps=2, callbacks=[SpikeGuard(model_attr="net")], default_root_dir=str(tmp_path)).fit(Opaque())
-    guard = SpikeGuard(chain=["blocks.*"], warmup=2, window=4)
+    guard = SpikeGuard(chain=["blocks.*"], detector=dict(warmup=2, window=4))
     trainer(max_steps=8, callbacks=[guard], default_root_dir=str(tmp_path)).fit(Opaque())
     assert guard.detector.names == ("blocks.0", "blocks.1")
     with pytest.raises(ValueError, match=r"SpikeGuard\(rerun=True\) .* needs Trainer\(accumulate_grad_batches=1\), got 2"):

@@ -466,3 +466,60 @@ def test_perturbations_list_combines_with_dicts_and_refuses_doubles():
         Injector(chain, forward={"0": Gaussian(1.0)}, perturbations=[3])
     with pytest.raises(ValueError, match=r"Perturbation.direction must be one of \['backward', 'forward'\], got 'up'"):
         Perturbation("0", Gaussian(1.0), direction="up")
+
+
+# -- the pass context and what was applied --------------------------------------------------
+
+
+def test_passes_decide_what_applies():
+    """TRAIN: everything; RERUN: persistent perturbations only; MEASURE: only the owner's."""
+    from spikeguard import passes
+    from spikeguard.perturb import Perturbation
+
+    model = linear_chain()
+    chain = OperatorChain.from_model(model)
+    x = torch.randn(2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    injector = Injector(chain, perturbations=[
+        Perturbation("0", Scale(2.0), transient=True),
+        Perturbation("1", Scale(3.0)),  # the Injector's default: persistent
+    ])
+    other = Injector(chain, forward={"2": Scale(5.0)}, transient=True)
+    assert injector.transient == {"forward": {"0"}, "backward": set()}
+    assert other.transient == {"forward": {"2"}, "backward": set()}
+
+    def applied(context):
+        with injector, other, context, injector.recording() as mine, other.recording() as theirs:
+            model(x)
+        return sorted(mine.norms()) + sorted(theirs.norms())
+
+    import contextlib
+
+    assert applied(contextlib.nullcontext()) == ["0", "1", "2"]
+    assert applied(passes.rerun()) == ["1"]  # transient faults do not recur on a re-run
+    assert applied(passes.measure(owner=injector)) == ["0", "1"]  # the measurement's own only
+    assert applied(passes.measure()) == []  # a measurement of the clean model
+
+
+def test_recording_hands_back_norms_and_deltas_of_its_block_only(ids):
+    model = tiny_gpt2(n_layer=2)
+    chain = OperatorChain.from_model(model)
+    injector = Injector(chain, forward={"transformer.h.1": Gaussian(0.1, relative=True)},
+                        backward={"transformer.h.0": Gaussian(0.1, relative=True)})
+    with injector:
+        with injector.recording(deltas=True) as rec:
+            model(ids, labels=ids).loss.backward()
+        with injector.recording() as later:
+            pass
+    delta = rec.delta("transformer.h.1")
+    assert delta is not None and rec.delta("transformer.h.0", "backward") is not None
+    torch.testing.assert_close(rec.norms("forward")["transformer.h.1"], delta.norm())
+    torch.testing.assert_close(rec.norms("backward")["transformer.h.0"], injector.applied_norms("backward")["transformer.h.0"])
+    assert later.norms() == {} and later.delta("transformer.h.1") is None  # nothing ran in that block
+    with pytest.raises(ValueError, match=r"direction must be one of \['backward', 'forward'\], got 'up'"):
+        rec.norms("up")
+    with pytest.raises(TypeError, match="Perturbation.transient must be None, True or False, got 'yes'"):
+        from spikeguard.perturb import Perturbation
+
+        Perturbation("x", Scale(2.0), transient="yes")
+    with pytest.raises(TypeError, match="Injector.transient must be True or False, got 1"):
+        Injector(chain, forward={"*": Scale(2.0)}, transient=1)

@@ -51,8 +51,8 @@ def test_tiny_gpt_burst_recipe_detects_its_burst(tmp_path):
     assert main(["fit", "--config", str(RECIPES / "tiny-gpt-burst.yaml"), *args,
                  "--data.seq_len=32", "--data.batch_size=8"]) == 0
     events = read_events(tmp_path / "spikeguard" / "events.jsonl")
-    burst = [e for e in events if e["step"] == 200]
-    assert burst and burst[0]["origin"] == "transformer.ln_f" and burst[0]["direction"] == "forward"
+    burst = [e for e in events if e.step == 200]
+    assert burst and burst[0].origin == "transformer.ln_f" and burst[0].direction == "forward"
 
 
 def test_causal_lm_recipe_on_a_locally_saved_model(tmp_path):

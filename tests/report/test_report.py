@@ -83,7 +83,7 @@ def test_header_and_every_section(run_dir, report):
     header = page[page.index("<header>"):page.index("</header>")]
     assert str(run_dir) in header
     assert "0–199" in header  # the steps
-    spikes = [e for e in read_events(run_dir / "spikeguard" / "events.jsonl") if e["kind"] != "operator"]
+    spikes = [e for e in read_events(run_dir / "spikeguard" / "events.jsonl") if e.kind != "operator"]
     assert re.search(rf'<div class="value">{len(spikes)}</div><div class="label">spikes</div>', header)
     for title in SECTIONS:
         assert f"<h2>{title}</h2>" in page
@@ -100,12 +100,13 @@ def test_event_table_has_the_burst_its_origin_prediction_and_outcome(run_dir, re
     _, kind, z, factor, origin, predicted_factor, predicted, k_rec, action, rerun, observed, recovery = burst
     assert kind == "grad_norm" and origin == f"{ORIGIN} forward"
     assert predicted == "recover" and observed == "recovered" and action == "none" and rerun == "—"
-    event = next(e for e in events if e["step"] == BURST_STEP)
-    assert z == f"{event['z']:.3g}"
-    predicted_k_rec = event["predicted"]["k_rec"]
-    assert recovery == str(event["recovery_steps"])
+    event = next(e for e in events if e.step == BURST_STEP)
+    assert z == f"{event.z:.3g}"
+    assert event.predicted is not None  # a probe ran before the burst: a prediction was made
+    predicted_k_rec = event.predicted.k_rec
+    assert recovery == str(event.recovery_steps)
     assert k_rec == (f"{predicted_k_rec:.0f}" if math.isfinite(predicted_k_rec) else "—")
-    assert factor == f"×{event['factor']:.3g}" and predicted_factor == f"×{event['predicted']['factor']:.3g}"
+    assert factor == f"×{event.factor:.3g}" and predicted_factor == f"×{event.predicted.factor:.3g}"
 
 
 @needs_matplotlib
@@ -182,7 +183,7 @@ def test_run_without_spikes(tmp_path):
     from spikeguard.callbacks import SpikeGuard
 
     # Operator anomalies off: a tiny model's natural ones would be events (not spikes) too.
-    quiet = fit(tmp_path, [SpikeGuard(log_every_n_steps=5, operator_min_factor=1e6)], max_steps=40)
+    quiet = fit(tmp_path, [SpikeGuard(log_every_n_steps=5, detector=dict(operator_min_factor=1e6))], max_steps=40)
     assert not (quiet / "spikeguard" / "events.jsonl").exists()  # the log is created at the first event
     page = build_report(quiet, tmp_path / "quiet.html").read_text(encoding="utf-8")
     assert "<strong>No spikes in this run.</strong>" in page
@@ -190,6 +191,74 @@ def test_run_without_spikes(tmp_path):
     assert "No probes in this run" in page
     assert "Relative bias m and sharpness: not measured in this run" in page
     assert len(re.findall(r'<img src="data:image/png;base64,', page)) == 2  # loss/|G| and the heatmap
+
+
+# -- a run written from typed records (no training) --------------------------------------
+
+
+@needs_matplotlib
+def test_every_event_field_comes_from_the_typed_record(tmp_path):
+    from report.synthetic import PREDICTED, write_run
+
+    from spikeguard.paths import RunPaths
+    from spikeguard.rundir import load_run
+
+    run_dir = write_run(tmp_path / "run")
+    path = build_report(run_dir)
+    assert path == RunPaths.at(run_dir).report
+    page = path.read_text(encoding="utf-8")
+    predicted, unpredicted, anomaly = rows(page)
+    assert predicted == ["60", "grad_norm", "21.5", "×27.2", "h.1 forward", "×3.25", "recover", "12", "none", "—",
+                         "recovered", "3"]
+    # No prediction made (SpikeEvent.predicted is None): every predicted cell is empty, nothing raises.
+    assert unpredicted == ["80", "loss", "9", "×2", "—", "—", "—", "—", "none", "—", "pending", "—"]
+    assert anomaly[:2] == ["90", "operator"] and anomaly[4] == "embed backward"
+    assert page.count('<tr class="minor">') == 1
+    # Hover texts: the bound on the factor, the reason for the outcome.
+    assert f'title="bound ×{PREDICTED.factor_bound:.3g}"' in page and f'title="{PREDICTED.reason}"' in page
+    header = page[page.index("<header>"):page.index("</header>")]
+    for value, label in (("2", "spikes"), ("1", "operator anomalies"), ("1 / 2", "recovered"), ("2", "probes")):
+        assert f'<div class="value">{value}</div><div class="label">{label}</div>' in header
+    # A Run already loaded gives the same page and the same default path (the demo reads the run once).
+    assert build_report(load_run(run_dir)) == path
+
+
+@needs_matplotlib
+def test_probe_sections_come_from_the_probe_records(tmp_path):
+    from report.synthetic import NAMES, write_run
+
+    page = build_report(write_run(tmp_path)).read_text(encoding="utf-8")
+    assert "The latest of 2 probes (step 50)" in page
+    assert "Operators in forward order (from the probe)" in page
+    assert "Probe notes: linearize skipped for backward." in page
+    table = page[page.index("<h3>Constants at the latest probe</h3>"):]
+    body = table[table.index("<tbody>"):table.index("</tbody>")]
+    cells = [[re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td[^>]*>(.*?)</td>", r)]
+             for r in re.findall(r"<tr>(.*?)</tr>", body)]
+    assert [r[1] for r in cells] == list(NAMES)
+    # index, name, L_i (nan for the first: e_0 = 0), M_i, A^f, A^b, A^f/A^b, d_i/bound per configuration.
+    assert cells[0] == ["0", "embed", "—", "0.25", "4", "2", "2", "0.5", "0.5", "0.5"]
+    assert cells[3][2:5] == ["3.5", "1", "16"]
+    # The sharpness ratio is Stability.ratio of the probe that measured it; m comes from each probe's observations.
+    assert "sharpness ratio ≤ 0.75" in page and "m (both) ≤ 0.15" in page
+    assert "Sharpness: not measured" not in page
+
+
+def test_stability_series_reads_stability_records(tmp_path):
+    pytest.importorskip("matplotlib")
+    from report.synthetic import probe, write_run
+
+    from spikeguard.records import Stability
+    from spikeguard.report.plots import stability_series
+    from spikeguard.rundir import load_run
+
+    records = [probe(0), probe(10, stability=Stability(sharpness=3.0, threshold=2.0)), probe(20, configs=("forward",)),
+               probe(30, stability=Stability(sharpness=1.0, threshold=4.0))]
+    m, ratio = stability_series(load_run(write_run(tmp_path / "a", probes=records)))
+    assert ratio == ([10, 30], [1.5, 0.25])  # probes without a stability record are skipped, not zero
+    assert m["forward"] == ([0, 10, 20, 30], [0.05] * 4) and m["both"][0] == [0, 10, 30]
+    m, ratio = stability_series(load_run(write_run(tmp_path / "b", probes=[probe(0)])))
+    assert ratio is None and set(m) == {"forward", "backward", "both"}
 
 
 def _chromium():

@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from spikeguard import theory
-from spikeguard.detect import DetectorConfig, Prediction, SpikeDetector, attribute, predict_spike
-from spikeguard.events import SpikeEvent
+from spikeguard.detect import DetectorConfig, SpikeDetector, attribute, predict_spike
+from spikeguard.measure.optim import OptimizerFacts, Stability
+from spikeguard.measure.results import Constants, Observed, ProbeResult
+from spikeguard.records import ProbeRecord, SpikeEvent
 
 NAMES = ("embed", "h.0", "h.1", "ln_f")
 N = len(NAMES)
@@ -518,7 +520,7 @@ def test_state_dict_loads_with_another_history_size():
     assert _dump(resumed) == _dump(original)
 
 
-def test_load_state_dict_rejects_other_operators_and_window():
+def test_load_state_dict_rejects_other_operators():
     state = SpikeDetector(NAMES, small()).state_dict()
     with pytest.raises(ValueError) as err:
         SpikeDetector(("embed", "h.0"), small()).load_state_dict(state)
@@ -526,12 +528,31 @@ def test_load_state_dict_rejects_other_operators_and_window():
         "SpikeDetector.load_state_dict: the checkpoint was taken with operators "
         "['embed', 'h.0', 'h.1', 'ln_f'], this detector watches ['embed', 'h.0']"
     )
-    with pytest.raises(ValueError) as err:
-        SpikeDetector(NAMES, small(window=64)).load_state_dict(state)
-    assert str(err.value) == (
-        "SpikeDetector.load_state_dict: window shape (32, 18) in the checkpoint, (64, 18) "
-        "configured (DetectorConfig.window changed?)"
-    )
+
+
+@pytest.mark.parametrize("window", [16, 32, 64])
+def test_a_resume_with_another_window_keeps_the_newest_values(window):
+    """DetectorConfig.window changed on resume: each signal keeps its newest accepted values."""
+    rows = lognormal(45, seed=3)
+    original = SpikeDetector(NAMES, small())
+    run(original, rows)  # 45 values: the 32-slot window has wrapped
+    resized = SpikeDetector(NAMES, small(window=window, warmup=min(16, window)))
+    resized.load_state_dict(original.state_dict())
+
+    def newest(d):  # oldest to newest, per signal, NaN (never written) dropped
+        w = d.config.window
+        order = (d.position.unsqueeze(0) + torch.arange(w).unsqueeze(1)) % w
+        ordered = d.window.gather(0, order)
+        return [ordered[:, k][~torch.isnan(ordered[:, k])].tolist() for k in range(d.num_signals)]
+
+    keep = min(window, 32)
+    assert newest(resized) == [col[-keep:] for col in newest(original)]
+    assert torch.equal(resized.accepted, original.accepted)
+    # The baseline is the median of the 16 newest: unchanged by the resize.
+    torch.testing.assert_close(resized._baseline()[0], original._baseline()[0])
+    # And it keeps working: the next value lands after the newest.
+    run(resized, lognormal(3, seed=4), start=45)
+    assert newest(resized)[0][-4] == newest(original)[0][-1]
 
 
 # -- no host sync ------------------------------------------------------------------------
@@ -574,11 +595,24 @@ def test_update_never_syncs_with_the_host(monkeypatch):
 # -- predict_spike -----------------------------------------------------------------------
 
 
-PREDICTION = Prediction(
-    names=NAMES, amp_forward=(4.0, 3.0, 2.0, 1.0), amp_backward=(1.0, 2.0, 3.0, 4.0),
-    output_norms=(10.0, 20.0, 30.0, 40.0), grad_msg_norms=(0.1, 0.2, 0.3, 0.4),
-    grad_norm=50.0, tightness=0.25, lr=0.01, optimizer="sgd",
-)
+def _record(tightness=0.25, lr=0.01, kind="sgd", beta=0.0, stability=None, steady_m=None):
+    """A probe record with known constants: A^f, A^b, |z_k|, |g_k|, |G| = 50 and a tightness."""
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    n = len(NAMES)
+    bound = theory.PropagationBound(e=torch.zeros(n), b=torch.zeros(n), d=torch.zeros(n), total=4.0)
+    m = 0.01 if steady_m is None else steady_m
+    obs = Observed(e=torch.zeros(n), b=torch.zeros(n), d=torch.zeros(n), total=tightness * 4.0, grad_norm=50.0, m=m,
+                   delta=torch.zeros(n), eps=torch.zeros(n), bound=bound, linear=None)
+    consts = Constants(gains=t([math.nan, 1.0, 1.0, 1.0]), param_gains=torch.ones(n), jac_smoothness=torch.zeros(n),
+                       param_jac_smoothness=torch.zeros(n), grad_msg_norms=t([0.1, 0.2, 0.3, 0.4]),
+                       output_norms=t([10.0, 20.0, 30.0, 40.0]), loss_curvature=0.5, power_iterations=1, converged=True)
+    amp = theory.Amplification(forward=t([4.0, 3.0, 2.0, 1.0]), backward=t([1.0, 2.0, 3.0, 4.0]))
+    result = ProbeResult(step=40, names=NAMES, observed={"both": obs}, constants=consts, amplification=amp)
+    return ProbeRecord(step=40, result=result, optimizer=OptimizerFacts(kind, beta, lr, lr), stability=stability,
+                       steady=steady_m is not None)
+
+
+PREDICTION = _record()
 CONTEXT = {"losses": [2.1, 2.0, 1.9, 2.2], "grad_norms": [1.0, 0.9, 0.8, 1.1]}
 
 
@@ -597,12 +631,12 @@ def test_predict_spike_forward_bias_factor_and_recovery():
     out = predict_spike(_event(), CONTEXT, PREDICTION)
     u = 3.0 - 1.0  # |ratio - 1| of out_rms at h.1 (index 2)
     m_bound = 2.0 * 30.0 * u / 50.0  # A^f_2 |z_2| u / |G| = 2.4
-    assert out["source"] == "probe" and out["local_relative_size"] == u
-    assert out["m_bound"] == pytest.approx(m_bound) and out["m"] == pytest.approx(0.25 * m_bound)
-    assert out["factor"] == pytest.approx(1 + 0.6) and out["factor_bound"] == pytest.approx(1 + 2.4)
-    # One step: the outcome uses the steady m (0), and the rule's own text.
-    assert out["outcome"] == "recover" and out["m_persistent"] == 0.0
-    assert out["reason"] == theory.spike_outcome(0.0).reason == "m=0 < 1 (sharpness not measured)"
+    assert out.source == "probe" and out.probe_step == 40 and out.local_relative_size == u
+    assert out.m_bound == pytest.approx(m_bound) and out.m == pytest.approx(0.25 * m_bound)
+    assert out.factor == pytest.approx(1 + 0.6) and out.factor_bound == pytest.approx(1 + 2.4)
+    # One step: the outcome uses the steady m (0: the probe's perturbation is not steady), and the rule's own text.
+    assert out.outcome == "recover" and out.m_persistent == 0.0
+    assert out.reason == theory.spike_outcome(0.0).reason == "m=0 < 1 (sharpness not measured)"
 
     # k_rec, independently: μ̂ = min g²/(2(f - f_min)), q = 1 - γμ̂(1-m)/2 with m = 0.
     f, g = CONTEXT["losses"], CONTEXT["grad_norms"]
@@ -610,57 +644,62 @@ def test_predict_spike_forward_bias_factor_and_recovery():
     q = 1 - 0.01 * mu * (1 - 0.0) / 2
     # Spike excess: the observed loss (the predicted first-order rise is negative here).
     spike_excess, floor_excess, kappa = 3.0 - 1.5, 2.0 - 1.5, (2.05 - 1.5) / (2.0 - 1.5) - 1
-    assert out["mu_estimate"] == pytest.approx(mu) and out["q"] == pytest.approx(q)
-    assert out["kappa"] == pytest.approx(0.1)
-    assert out["predicted_rise"] == pytest.approx(-0.01 * 1.0 + 0.01 * 1.0 * 0.6)
+    assert out.mu_estimate == pytest.approx(mu) and out.q == pytest.approx(q)
+    assert out.kappa == pytest.approx(0.1)
+    assert out.predicted_rise == pytest.approx(-0.01 * 1.0 + 0.01 * 1.0 * 0.6)
     expected = math.log((spike_excess - floor_excess) / (kappa * floor_excess)) / math.log(1 / q)
-    assert out["k_rec"] == pytest.approx(expected, rel=1e-9)
-    assert out["k_rec"] == pytest.approx(theory.recovery_steps(spike_excess, floor_excess, q, kappa), rel=1e-12)
+    assert out.k_rec == pytest.approx(expected, rel=1e-9)
+    assert out.k_rec == pytest.approx(theory.recovery_steps(spike_excess, floor_excess, q, kappa), rel=1e-12)
 
 
 def test_predict_spike_backward_origin_uses_the_gradient_message():
     event = _event(origin="h.0", direction="backward", operator_ratios={"h.0": {"msg_norm": 0.2, "out_rms": 7.0}})
     out = predict_spike(event, CONTEXT, PREDICTION)
     u = 0.8
-    assert out["m_bound"] == pytest.approx(2.0 * 0.2 * u / 50.0)  # A^b_1 |g_1| u / |G|
-    assert out["m"] == pytest.approx(0.25 * out["m_bound"])
+    assert out.m_bound == pytest.approx(2.0 * 0.2 * u / 50.0)  # A^b_1 |g_1| u / |G|
+    assert out.m == pytest.approx(0.25 * out.m_bound)
 
 
 def test_a_persistent_spike_with_m_at_least_one_diverges():
-    prediction = replace(PREDICTION, tightness=0.5)  # m = 0.5 · 2.4 = 1.2
+    prediction = _record(tightness=0.5)  # m = 0.5 · 2.4 = 1.2
     once = predict_spike(_event(), CONTEXT, prediction)
-    assert once["m"] == pytest.approx(1.2) and once["outcome"] == "recover"  # one step: steady m
+    assert once.m == pytest.approx(1.2) and once.outcome == "recover"  # one step: steady m
     persistent = predict_spike(_event(duration=3), CONTEXT, prediction)
-    assert persistent["outcome"] == "diverge" and persistent["m_persistent"] == pytest.approx(1.2)
-    assert persistent["reason"] == theory.spike_outcome(1.2).reason
-    assert math.isnan(persistent["k_rec"])
+    assert persistent.outcome == "diverge" and persistent.m_persistent == pytest.approx(1.2)
+    assert persistent.reason == theory.spike_outcome(1.2).reason
+    assert math.isnan(persistent.k_rec)
     # A persistent spike with m < 1 recovers, more slowly: q uses its m.
     slow = predict_spike(_event(duration=3), CONTEXT, PREDICTION)
-    assert slow["outcome"] == "recover"
-    assert slow["q"] == pytest.approx(1 - 0.01 * slow["mu_estimate"] * (1 - 0.6) / 2)
+    assert slow.outcome == "recover"
+    assert slow.q == pytest.approx(1 - 0.01 * slow.mu_estimate * (1 - 0.6) / 2)
+    # A steady probe perturbation is THEORY §4's persistent m, spike or no spike.
+    steady = predict_spike(_event(), CONTEXT, _record(steady_m=0.3))
+    assert steady.m_persistent == pytest.approx(0.3)
 
 
 def test_sharpness_over_the_threshold_diverges():
     # Adam, β1 = 0.9, γ = 0.01: threshold (2+2β1)/((1-β1)γ) = 3800.
-    sharp = replace(PREDICTION, optimizer="adam", beta=0.9, sharpness=4000.0)
+    threshold = theory.stability_threshold(0.01, "adam", 0.9)
+    assert threshold == pytest.approx(3800)
+    sharp = _record(kind="adam", beta=0.9, stability=Stability(4000.0, threshold, preconditioned=True))
     out = predict_spike(_event(), CONTEXT, sharp)
-    assert out["outcome"] == "diverge"
-    assert out["reason"] == f"sharpness is {4000 / 3800:.3g}x the stability threshold (>= 1)"
-    ok = predict_spike(_event(), CONTEXT, replace(sharp, sharpness=1900.0))
-    assert ok["outcome"] == "recover" and "0.5x threshold" in ok["reason"]
+    assert out.outcome == "diverge" and out.sharpness_ratio == pytest.approx(4000 / 3800)
+    assert out.reason == f"sharpness is {4000 / 3800:.3g}x the stability threshold (>= 1)"
+    ok = predict_spike(_event(), CONTEXT, _record(kind="adam", beta=0.9, stability=Stability(1900.0, threshold, True)))
+    assert ok.outcome == "recover" and "0.5x threshold" in ok.reason
     # With a sharpness the rise is THEORY §4's full bound, L = sharpness.
     g, beta = 1.0, 0.6
-    assert ok["predicted_rise"] == pytest.approx(-0.01 * g**2 + 0.01 * g * beta + 1900.0 * 0.01**2 / 2 * (g + beta) ** 2)
+    assert ok.predicted_rise == pytest.approx(-0.01 * g**2 + 0.01 * g * beta + 1900.0 * 0.01**2 / 2 * (g + beta) ** 2)
 
 
 def test_predict_spike_without_a_probe():
     out = predict_spike(_event(), CONTEXT, None)
-    assert out["source"] == "none" and "AmplificationProbe" in out["note"]
-    assert out["outcome"] == "recover" and math.isnan(out["k_rec"])  # no step size: no k_rec
+    assert out.source == "none" and out.probe_step is None and "AmplificationProbe" in out.notes[0]
+    assert out.outcome == "recover" and math.isnan(out.k_rec)  # no step size: no k_rec
     with_lr = predict_spike(_event(), CONTEXT, None, lr=0.01)
-    assert with_lr["k_rec"] > 0 and "m" not in with_lr
+    assert with_lr.k_rec > 0 and math.isnan(with_lr.m)
     unknown = predict_spike(_event(origin="lm_head"), CONTEXT, PREDICTION)
-    assert unknown["source"] == "none" and "m" not in unknown
+    assert unknown.source == "none" and math.isnan(unknown.m)
 
 
 # -- configuration -----------------------------------------------------------------------
@@ -677,14 +716,14 @@ def test_predict_spike_without_a_probe():
         ({"recent": 0}, "DetectorConfig.recent must be an int >= 1, got 0"),
         ({"regime_steps": 1.0}, "DetectorConfig.regime_steps must be an int >= 1, got 1.0"),
         ({"window": 8, "warmup": 9}, "DetectorConfig.warmup must be <= window=8, got 9"),
-        ({"threshold": 0}, "DetectorConfig.threshold must be a number > 0, got 0"),
-        ({"operator_threshold": -1.0}, "DetectorConfig.operator_threshold must be a number > 0, got -1.0"),
-        ({"attribution_threshold": math.nan}, "DetectorConfig.attribution_threshold must be a number > 0, got nan"),
-        ({"kappa": "0.1"}, "DetectorConfig.kappa must be a number > 0, got '0.1'"),
-        ({"recover_z": False}, "DetectorConfig.recover_z must be a number > 0, got False"),
-        ({"min_factor": 0.9}, "DetectorConfig.min_factor must be a number >= 1, got 0.9"),
-        ({"operator_min_factor": None}, "DetectorConfig.operator_min_factor must be a number >= 1, got None"),
-        ({"attribution_min_factor": 0}, "DetectorConfig.attribution_min_factor must be a number >= 1, got 0"),
+        ({"threshold": 0}, "DetectorConfig.threshold must be a finite number > 0, got 0"),
+        ({"operator_threshold": -1.0}, "DetectorConfig.operator_threshold must be a finite number > 0, got -1.0"),
+        ({"attribution_threshold": math.nan}, "DetectorConfig.attribution_threshold must be a finite number > 0, got nan"),
+        ({"kappa": "0.1"}, "DetectorConfig.kappa must be a finite number > 0, got '0.1'"),
+        ({"recover_z": False}, "DetectorConfig.recover_z must be a finite number > 0, got False"),
+        ({"min_factor": 0.9}, "DetectorConfig.min_factor must be a finite number >= 1, got 0.9"),
+        ({"operator_min_factor": None}, "DetectorConfig.operator_min_factor must be a finite number >= 1, got None"),
+        ({"attribution_min_factor": 0}, "DetectorConfig.attribution_min_factor must be a finite number >= 1, got 0"),
         ({"attribution_share": 0}, "DetectorConfig.attribution_share must be in (0, 1], got 0"),
         ({"attribution_share": 1.5}, "DetectorConfig.attribution_share must be in (0, 1], got 1.5"),
         ({"loss_floor": math.inf}, "DetectorConfig.loss_floor must be None or a finite number, got inf"),
